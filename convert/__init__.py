@@ -1,0 +1,1 @@
+"""python -m convert: Medusa checkpoints to GGUF (see __main__.py)."""

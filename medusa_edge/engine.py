@@ -1,0 +1,373 @@
+"""The Medusa decoding loop on token ids: propose, build tree, verify, accept, commit.
+
+Layering (after mlx-lm): this module works on token ids only; ``api.py`` turns them into text
+chunks and llama-cpp-python-shaped dicts.
+
+State between steps (the invariant every step keeps):
+  * the KV cache holds ``n_past`` committed tokens, tagged with every seq id;
+  * ``root`` is the next token, already chosen and emitted but not yet in the cache;
+  * output row ``row`` of the last decode is the position that produced ``root``: its hidden
+    state feeds the heads (head i predicts the token i+1 places after ``root``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from . import schema
+from ._loader import native
+from .errors import ContextOverflowError, HeadsError, ModelLoadError
+from .tree import PRESETS, Tree, TreeError, accept_greedy, accept_typical
+
+#: proposer(generated, n_heads, top_k) -> [n_heads, top_k] token ids, rank-sorted. ``generated``
+#: holds the tokens emitted so far, the current root last. Replaces the heads (tests, other drafts).
+Proposer = Callable[[list, int, int], np.ndarray]
+
+
+@dataclass
+class SamplingParams:
+    """What to draw. ``temperature <= 0`` is greedy. ``acceptance``: "exact" keeps the output
+    identical to plain decoding with the same chain and seed; "typical" is the paper's lossy
+    typical acceptance (root greedy, reference defaults)."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    penalty_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int = 0xFFFFFFFF
+    acceptance: str = "exact"
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+
+    def __post_init__(self):
+        if self.acceptance not in ("exact", "typical"):
+            raise ValueError(f"acceptance must be 'exact' or 'typical' (lossy), got {self.acceptance!r}")
+
+    @property
+    def plain_argmax(self) -> bool:
+        """Greedy with no penalties: the argmax computed natively is the whole sampler."""
+        return self.temperature <= 0 and self.repeat_penalty == 1.0 and self.frequency_penalty == 0 and self.presence_penalty == 0
+
+
+@dataclass
+class Stats:
+    """Statistics of one generation. Times in seconds."""
+
+    n_prompt: int = 0
+    n_generated: int = 0
+    steps: int = 0  # tree forwards (the prefill's forward is not a step)
+    accepted_hist: Counter = field(default_factory=Counter)  # accepted candidates per step -> count
+    head_accepts: list = field(default_factory=list)  # [n_heads] steps in which head i's node was accepted
+    t_prefill: float = 0.0
+    t_decode: float = 0.0  # llama_decode of the trees
+    t_heads: float = 0.0
+    t_total: float = 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens committed per tree forward (1 + accepted candidates)."""
+        return sum((k + 1) * c for k, c in self.accepted_hist.items()) / self.steps if self.steps else 0.0
+
+    @property
+    def t_other(self) -> float:
+        """Time in the loop outside llama_decode and the heads: the engine's own overhead."""
+        return max(self.t_total - self.t_prefill - self.t_decode - self.t_heads, 0.0)
+
+    def as_dict(self) -> dict:
+        gen_time = self.t_total - self.t_prefill
+        return {
+            "steps": self.steps,
+            "prompt_tokens": self.n_prompt,
+            "generated_tokens": self.n_generated,
+            "tokens_per_step": round(self.tokens_per_step, 4),
+            "accepted_length_histogram": {int(k): int(v) for k, v in sorted(self.accepted_hist.items())},
+            "head_acceptance": [round(a / self.steps, 4) if self.steps else 0.0 for a in self.head_accepts],
+            "time_prefill_s": round(self.t_prefill, 6),
+            "time_decode_s": round(self.t_decode, 6),
+            "time_heads_s": round(self.t_heads, 6),
+            "time_other_s": round(self.t_other, 6),
+            "time_total_s": round(self.t_total, 6),
+            "tokens_per_second": round(self.n_generated / gen_time, 3) if gen_time > 0 else 0.0,
+        }
+
+
+def read_heads_info(path: str) -> dict:
+    """The heads GGUF's metadata (no tensor data), with clear errors for unreadable files."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise HeadsError(f"heads file {path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise HeadsError(f"heads file {path}: not a GGUF file")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damage
+        raise HeadsError(f"heads file {path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+
+    def get(key, default=None):
+        f = reader.get_field(key)
+        return default if f is None else f.contents()
+
+    if get("general.architecture") != schema.ARCH:
+        raise HeadsError(f"heads file {path}: general.architecture is {get('general.architecture')!r}, not 'medusa'")
+    info = {
+        "n_heads": get(schema.KEY_HEAD_COUNT),
+        "n_layers": get(schema.KEY_BLOCK_COUNT),
+        "n_embd": get(schema.KEY_EMBEDDING_LENGTH),
+        "n_vocab": get(schema.KEY_VOCAB_SIZE),
+        "shared_output": bool(get(schema.KEY_SHARED_OUTPUT, False)),
+        "tree": get(schema.KEY_TREE),
+        "base_vocab_hash": get(schema.KEY_BASE_VOCAB_HASH),
+        "schema_version": get(schema.KEY_SCHEMA_VERSION),
+    }
+    if None in (info["n_heads"], info["n_layers"], info["n_embd"], info["n_vocab"]):
+        raise HeadsError(f"heads file {path}: missing medusa.* size keys")
+    if info["schema_version"] is not None and info["schema_version"] > schema.SCHEMA_VERSION:
+        raise HeadsError(f"heads file {path}: schema version {info['schema_version']} is newer than this medusa-edge ({schema.SCHEMA_VERSION})")
+    return info
+
+
+class Engine:
+    """A llama.cpp model, its context, optional Medusa heads and a tree: the decoding loop.
+
+    ``heads_path=None`` with ``tree`` None decodes plainly (one token per forward): the same
+    code path with a root-only tree, which is also the lossless baseline in benchmarks.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        heads_path: Optional[str] = None,
+        *,
+        tree: "str | list | Tree | None" = None,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = 0,
+        f32_kv: bool = False,
+        verbose: bool = False,
+    ):
+        native.set_verbose(verbose)
+        if not os.path.isfile(model_path):
+            raise ModelLoadError(f"model file {model_path}: no such file")
+        n_threads = n_threads or max(1, (os.cpu_count() or 1))
+        self.model_path = model_path
+        self.heads_path = heads_path
+        try:
+            probe = native.Model(model_path, vocab_only=True)
+        except RuntimeError as e:
+            raise ModelLoadError(str(e)) from None
+        if probe.is_recurrent:
+            raise ModelLoadError(
+                f"model {model_path} has a recurrent or hybrid architecture ({probe.meta('general.architecture')}), whose state "
+                "cannot branch: Medusa tree verification needs a pure-attention model"
+            )
+        del probe
+        try:
+            self.model = native.Model(model_path, n_gpu_layers=n_gpu_layers)
+        except RuntimeError as e:
+            raise ModelLoadError(str(e)) from None
+
+        self.heads = None
+        self.heads_info = None
+        if heads_path is not None:
+            self.heads_info = read_heads_info(heads_path)
+            self._check_heads_match(heads_path, self.heads_info)
+
+        self.tree = self._choose_tree(tree)
+        n_heads = self.heads_info["n_heads"] if self.heads_info else self.tree.max_depth
+        n_seq_max = max(1, self.tree.n_leaves)
+        if n_seq_max > native.max_parallel_sequences():
+            raise TreeError(f"tree has {self.tree.n_leaves} leaves; llama.cpp holds at most {native.max_parallel_sequences()} sequences")
+        if self.tree.n_nodes > n_batch:
+            raise TreeError(f"tree has {self.tree.n_nodes} nodes but n_batch is {n_batch}: use a smaller tree or a larger n_batch")
+        try:
+            self.ctx = native.Context(self.model, n_ctx, n_batch, n_threads, n_seq_max, f32_kv)
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(str(e)) from None
+        self.tree.check(n_heads=n_heads, n_seq_max=self.ctx.n_seq_max, n_batch=self.ctx.n_batch)
+        if heads_path is not None:
+            try:
+                self.heads = native.Heads(heads_path, model_path, n_threads, n_gpu_layers != 0)
+            except (RuntimeError, ValueError) as e:
+                raise HeadsError(str(e)) from None
+        self._shapes: dict[int, tuple[Tree, object]] = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _check_heads_match(self, path: str, info: dict) -> None:
+        if info["n_embd"] != self.model.n_embd:
+            raise HeadsError(
+                f"heads file {path} was made for hidden size {info['n_embd']}, but model {self.model_path} has {self.model.n_embd}"
+            )
+        if info["n_vocab"] != self.model.n_vocab:
+            raise HeadsError(
+                f"heads file {path} was made for a vocabulary of {info['n_vocab']} tokens, but model {self.model_path} has {self.model.n_vocab}"
+            )
+        want = info["base_vocab_hash"]
+        if want and want != f"{self.model.vocab_fingerprint():016x}":
+            raise HeadsError(f"heads file {path} was made for a different tokenizer than model {self.model_path} (vocab hash differs)")
+
+    def _choose_tree(self, tree) -> Tree:
+        if tree is not None:
+            return Tree.resolve(tree)
+        if self.heads_info is None:
+            return Tree.from_paths([])
+        n_heads = self.heads_info["n_heads"]
+        if self.heads_info.get("tree"):
+            import json
+
+            return Tree.from_paths(json.loads(self.heads_info["tree"]))
+        return Tree.from_paths(PRESETS["mc_sim_7b_63"]).truncated(n_heads)
+
+    def _shape(self, max_depth: int) -> tuple[Tree, object]:
+        """The tree cut to ``max_depth`` and its native shape, cached."""
+        max_depth = min(max_depth, self.tree.max_depth)
+        if max_depth not in self._shapes:
+            t = self.tree.truncated(max_depth)
+            self._shapes[max_depth] = (t, native.TreeShape(t.depth.tolist(), [list(s) for s in t.seq_sets]))
+        return self._shapes[max_depth]
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx
+
+    # -- the loop ------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        *,
+        proposer: Optional[Proposer] = None,
+        stats: Optional[Stats] = None,
+    ) -> Iterator[list[int]]:
+        """Yield the new tokens of each forward (prefill first, then one list per step).
+
+        Stops after ``max_tokens`` tokens (clipped to what the context holds) or right after an
+        end-of-generation token. The caller may stop iterating at any time; the next call
+        starts from a clean cache.
+        """
+        stats = stats if stats is not None else Stats()
+        n_prompt = len(prompt)
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty: pass at least one token (e.g. BOS)")
+        if n_prompt >= self.n_ctx:
+            raise ContextOverflowError(f"prompt has {n_prompt} tokens but the context holds {self.n_ctx}: shorten it or raise n_ctx")
+        if self.heads is None and proposer is None and self.tree.n_nodes > 1:
+            raise TreeError("a tree needs candidates: load Medusa heads or pass a proposer")
+        budget = min(max_tokens, self.n_ctx - n_prompt)
+        stats.n_prompt = n_prompt
+        n_heads = self.heads.n_heads if self.heads is not None else self.tree.max_depth
+        stats.head_accepts = [0] * n_heads
+        sampler = self._sampler(params)
+        t0 = time.perf_counter()
+        try:
+            # Prefill: the prompt, then the first token from the last prompt position.
+            self.ctx.truncate(0)
+            self.ctx.prefill(list(prompt), 0)
+            stats.t_prefill = time.perf_counter() - t0
+            root = self._pick(sampler, params, 0)
+            generated = [root]
+            n_past, row = n_prompt, 0
+            stats.n_generated = 1
+            yield [root]
+            if self.model.is_eog(root) or budget <= 1:
+                return
+            while True:
+                remaining = budget - len(generated)
+                tree, shape = self._shape(remaining - 1)
+                # propose: the heads' top-k at the position that produced the root
+                th = time.perf_counter()
+                proposals = self._propose(tree, row, generated, proposer)
+                stats.t_heads += time.perf_counter() - th
+                # build tree, verify (one forward)
+                tokens = tree.candidate_tokens(root, proposals) if tree.n_nodes > 1 else np.array([root], np.int32)
+                td = time.perf_counter()
+                self.ctx.decode_tree(shape, tokens, n_past)
+                stats.t_decode += time.perf_counter() - td
+                # accept
+                path, root = self._accept(tree, tokens, sampler, params)
+                # commit
+                self.ctx.commit(shape, path, n_past)
+                n_past += len(path)
+                row = path[-1]
+                new = [int(t) for t in tokens[path[1:]]] + [int(root)]
+                stats.steps += 1
+                stats.accepted_hist[len(path) - 1] += 1
+                for d in range(len(path) - 1):
+                    stats.head_accepts[d] += 1
+                stop = next((i for i, t in enumerate(new) if self.model.is_eog(t)), None)
+                if stop is not None:
+                    new = new[: stop + 1]
+                new = new[:remaining]
+                generated.extend(new)
+                stats.n_generated = len(generated)
+                stats.t_total = time.perf_counter() - t0
+                yield new
+                if stop is not None or len(generated) >= budget:
+                    return
+        finally:
+            stats.t_total = time.perf_counter() - t0
+
+    # -- phases --------------------------------------------------------------------------------
+    def _sampler(self, p: SamplingParams):
+        return native.Sampler(
+            self.model.n_vocab, p.seed & 0xFFFFFFFF, p.temperature if p.acceptance == "exact" else 0.0,
+            p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.penalty_last_n, p.frequency_penalty, p.presence_penalty,
+        )
+
+    def _pick(self, sampler, p: SamplingParams, row: int) -> int:
+        """The token the base model chooses at output row ``row`` (the sampler draws and records it)."""
+        if p.plain_argmax or p.acceptance == "typical":
+            return int(self.ctx.argmax(row + 1)[row])
+        return int(sampler.sample(self.ctx, row))
+
+    def _propose(self, tree: Tree, row: int, generated: list, proposer: Optional[Proposer]) -> np.ndarray:
+        if tree.n_nodes == 1:
+            return np.zeros((0, 0), np.int32)
+        k = tree.max_rank + 1
+        if proposer is not None:
+            out = np.asarray(proposer(generated, tree.max_depth, k), dtype=np.int32)
+            if out.shape != (tree.max_depth, k):
+                raise ValueError(f"proposer returned shape {out.shape}, expected {(tree.max_depth, k)}")
+            return out
+        ids, _ = self.heads.propose(self.ctx, row, k)
+        return ids
+
+    def _accept(self, tree: Tree, tokens: np.ndarray, sampler, p: SamplingParams) -> tuple[list[int], int]:
+        """Accepted node path (root first) and the next root token."""
+        if p.acceptance == "typical" and p.temperature > 0:
+            inv_t = 1.0 / p.temperature
+
+            def probs_at(node: int) -> np.ndarray:
+                z = self.ctx.logits(node).astype(np.float64) * inv_t
+                z = np.exp(z - z.max())
+                return z / z.sum()
+
+            path = accept_typical(tree, tokens, probs_at, p.posterior_threshold, p.posterior_alpha)
+            return path, int(self.ctx.argmax(path[-1] + 1)[path[-1]])
+        if p.plain_argmax or p.acceptance == "typical":
+            argmax = self.ctx.argmax(tree.n_nodes)
+            path = accept_greedy(tree, tokens, argmax)
+            return path, int(argmax[path[-1]])
+        # Exact sampling: draw at a node; descend while a child carries the drawn token.
+        path, node = [0], 0
+        while True:
+            x = int(sampler.sample(self.ctx, node))
+            child = next((c for c in tree.children[node] if tokens[c] == x), None)
+            if child is None:
+                return path, x
+            path.append(child)
+            node = child

@@ -1,0 +1,73 @@
+"""The heads GGUF ("medusa" sidecar) schema: the single source of its key and tensor names.
+
+The converter writes it, the engine and the native loader read it. A heads file sits next to
+its base model as ``<base stem>.medusa.gguf``.
+
+Keys (all under ``medusa.`` unless noted):
+  general.architecture      "medusa"
+  schema_version            u32   SCHEMA_VERSION
+  head_count                u32   number of heads (head i predicts the token at offset +2+i)
+  block_count               u32   ResBlocks per head
+  embedding_length          u32   hidden size H of the base
+  vocab_size                u32   V
+  shared_output             bool  true: heads have no W_out and reuse the base lm_head ("version 2")
+  tree                      str   JSON list of paths, the default tree for this head set
+  base.vocab_size           u32   fingerprint of the base model the heads were trained on
+  base.embedding_length     u32
+  base.vocab_hash           str   16 hex digits, FNV-1a 64 over the base's token texts, each NUL-terminated
+
+Tensors (ggml order [ne0, ne1]):
+  medusa.{i}.res.{j}.weight   [H, H]   W_ij   (torch nn.Linear weight [out=H, in=H])
+  medusa.{i}.res.{j}.bias     [H]      b_ij
+  medusa.{i}.output.weight    [H, V]   W_out_i (torch [V, H]); absent when shared_output
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+SCHEMA_VERSION = 1
+ARCH = "medusa"
+
+KEY_SCHEMA_VERSION = "medusa.schema_version"
+KEY_HEAD_COUNT = "medusa.head_count"
+KEY_BLOCK_COUNT = "medusa.block_count"
+KEY_EMBEDDING_LENGTH = "medusa.embedding_length"
+KEY_VOCAB_SIZE = "medusa.vocab_size"
+KEY_SHARED_OUTPUT = "medusa.shared_output"
+KEY_TREE = "medusa.tree"
+KEY_BASE_VOCAB_SIZE = "medusa.base.vocab_size"
+KEY_BASE_EMBEDDING_LENGTH = "medusa.base.embedding_length"
+KEY_BASE_VOCAB_HASH = "medusa.base.vocab_hash"
+
+SIDECAR_SUFFIX = ".medusa.gguf"
+
+
+def res_weight(head: int, layer: int) -> str:
+    return f"medusa.{head}.res.{layer}.weight"
+
+
+def res_bias(head: int, layer: int) -> str:
+    return f"medusa.{head}.res.{layer}.bias"
+
+
+def output_weight(head: int) -> str:
+    return f"medusa.{head}.output.weight"
+
+
+def vocab_hash(tokens: Iterable[bytes | str]) -> str:
+    """FNV-1a 64 over each token's bytes plus a NUL; matches the native Model.vocab_fingerprint()."""
+    h = 0xCBF29CE484222325
+    prime = 0x100000001B3
+    mask = 0xFFFFFFFFFFFFFFFF
+    for t in tokens:
+        b = t.encode("utf-8") if isinstance(t, str) else bytes(t)
+        for c in b + b"\0":
+            h = ((h ^ c) * prime) & mask
+    return f"{h:016x}"
+
+
+def sidecar_path(model_path: str) -> str:
+    """``dir/name.gguf`` -> ``dir/name.medusa.gguf``."""
+    stem = model_path[:-5] if model_path.endswith(".gguf") else model_path
+    return stem + SIDECAR_SUFFIX

@@ -1,0 +1,202 @@
+"""Random-weight Llama GGUFs and matching heads, built in seconds: fixtures for tests and benchmarks.
+
+The models are real llama.cpp GGUFs (architecture "llama", SentencePiece-style vocabulary with
+byte fallback) written with gguf-py; only the weights are random.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import schema
+from .heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
+
+_WORDS = (
+    "the of and to in is that it was for on are as with his they at be this from have or by one had not but what all "
+    "were when we there can an your which their said if do will each about how up out them then she many some so these "
+    "would other into has more her two like him see time could no make than first been its who now people my made over "
+    "did down only way find use may water long little very after words called just where most know get through back "
+    "much before go good new write our used me man too any day same right look think also around another came come work "
+    "three word must because does part even place well such here take why things help put years different away again "
+    "off went old number great tell men say small every found still between name should home big give air line set own "
+    "under read last never us left end along while might next sound below saw something thought both few those always "
+    "looked show large often together asked house world going want school important until form food keep children feet "
+    "land side without boy once animals life enough took sometimes four head above kind began almost live page got earth "
+    "need far hand high year mother light parts country father let night following picture being study second eyes soon"
+).split()
+
+
+def make_vocab(n_words: int = 240, salt: int = 0) -> tuple[list[str], list[float], list[int]]:
+    """tokens, scores, token types: <unk> <s> </s>, 256 byte tokens, characters, words.
+
+    ``salt`` permutes the word list, giving a vocabulary of the same size but different tokens.
+    """
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [2, 3, 3]  # UNKNOWN, CONTROL, CONTROL
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256  # BYTE
+    chars = list(string.ascii_letters + string.digits + string.punctuation)
+    pieces = ["\u2581"] + chars + ["\u2581" + c for c in string.ascii_letters]
+    words = list(_WORDS)
+    if salt:
+        rng = np.random.default_rng(salt)
+        words = [words[i] for i in rng.permutation(len(words))]
+        words = [w + ("s" if i % 2 else "") for i, w in enumerate(words)]
+    pieces += ["\u2581" + w for w in words[:n_words]]
+    seen = set(tokens)
+    for p in pieces:
+        if p not in seen:
+            seen.add(p)
+            tokens.append(p)
+            types.append(1)
+    scores = [0.0] * 3 + [0.0] * 256 + [-1000.0 + 10.0 * len(t) for t in tokens[259:]]
+    return tokens, scores, types
+
+
+@dataclass
+class TinyLlama:
+    path: str
+    n_embd: int
+    n_vocab: int
+    tokens: list
+
+
+def write_llama_gguf(
+    path: str,
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_ctx_train: int = 4096,
+    seed: int = 0,
+    vocab_salt: int = 0,
+    n_words: int = 240,
+    vocab_size: int | None = None,
+    dtype: str = "f32",
+    arch: str = "llama",
+    chat_template: str | None = None,
+) -> TinyLlama:
+    """Write a random-weight Llama GGUF. ``vocab_size`` pads the vocabulary with filler tokens
+    (for benchmark-sized models); ``dtype`` is f32, f16 or q8_0 for the matrices."""
+    import gguf
+
+    tokens, scores, types = make_vocab(n_words, vocab_salt)
+    if vocab_size is not None:
+        while len(tokens) < vocab_size:
+            tokens.append(f"\u2581tok{len(tokens)}")
+            scores.append(-2000.0)
+            types.append(1)
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+    head_dim = n_embd // n_head
+
+    def mat(rows, cols, scale=1.0):
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * (scale / np.sqrt(cols))).astype(np.float32)
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name("tiny-random-llama")
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    ftype = {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
+    w.add_file_type(ftype)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+    def put(name, arr):
+        if arr.ndim == 2 and dtype == "f16":
+            w.add_tensor(name, arr.astype(np.float16))
+        elif arr.ndim == 2 and dtype == "q8_0" and arr.shape[1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, arr)
+
+    put("token_embd.weight", mat(n_vocab, n_embd, 1.0 * np.sqrt(n_embd)))
+    for i in range(n_layer):
+        put(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
+        put(f"blk.{i}.attn_q.weight", mat(n_embd, n_embd))
+        put(f"blk.{i}.attn_k.weight", mat(n_head_kv * head_dim, n_embd))
+        put(f"blk.{i}.attn_v.weight", mat(n_head_kv * head_dim, n_embd))
+        put(f"blk.{i}.attn_output.weight", mat(n_embd, n_embd))
+        put(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
+        put(f"blk.{i}.ffn_gate.weight", mat(n_ff, n_embd))
+        put(f"blk.{i}.ffn_up.weight", mat(n_ff, n_embd))
+        put(f"blk.{i}.ffn_down.weight", mat(n_embd, n_ff))
+    put("output_norm.weight", np.ones(n_embd, np.float32))
+    put("output.weight", mat(n_vocab, n_embd, 4.0))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return TinyLlama(path, n_embd, n_vocab, tokens)
+
+
+@dataclass
+class RandomHeads:
+    path: str
+    res: list  # [head][layer] -> (W [H,H], b [H])
+    out: list | None  # [head] -> W_out [V,H]
+
+
+def random_heads(n_heads: int, n_layers: int, n_embd: int, n_vocab: int, seed: int = 1, shared_output: bool = False):
+    """Random head weights in torch layout (res[i][j] = (W, b), out[i] = W_out)."""
+    rng = np.random.default_rng(seed)
+    res = [
+        [
+            ((rng.standard_normal((n_embd, n_embd)) / np.sqrt(n_embd)).astype(np.float32),
+             (rng.standard_normal(n_embd) * 0.1).astype(np.float32))
+            for _ in range(n_layers)
+        ]
+        for _ in range(n_heads)
+    ]
+    out = None if shared_output else [
+        (rng.standard_normal((n_vocab, n_embd)) * (4.0 / np.sqrt(n_embd))).astype(np.float32) for _ in range(n_heads)
+    ]
+    return res, out
+
+
+def write_random_heads(
+    path: str, base: TinyLlama, *, n_heads: int = 4, n_layers: int = 1, seed: int = 1, head_type: str = "f32",
+    tree=None, shared_output: bool = False, n_embd: int | None = None, n_vocab: int | None = None,
+) -> RandomHeads:
+    """Random heads for ``base``; ``n_embd``/``n_vocab`` override the sizes (to build mismatches)."""
+    e = n_embd or base.n_embd
+    v = n_vocab or base.n_vocab
+    res, out = random_heads(n_heads, n_layers, e, v, seed, shared_output)
+    meta = HeadsMeta(n_heads, n_layers, e, v, shared_output, tree, schema.vocab_hash(base.tokens))
+    write_heads_gguf(path, meta, heads_tensors(res, out), head_type)
+    return RandomHeads(path, res, out)
+
+
+def heads_reference(h: np.ndarray, res, out, top_k: int):
+    """Numpy reference of the heads: ids [n_heads, k] (best first) and logits [n_heads, V]."""
+    logits = []
+    for i, layers in enumerate(res):
+        x = h.astype(np.float64)
+        for wt, b in layers:
+            y = wt.astype(np.float64) @ x + b
+            x = x + y / (1.0 + np.exp(-y))
+        logits.append(out[i].astype(np.float64) @ x)
+    logits = np.stack(logits)
+    ids = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+    return ids, logits

@@ -1,0 +1,270 @@
+"""Medusa candidate trees: pure data and maths, no llama.cpp.
+
+A tree is a prefix-closed list of *paths*; a path is a tuple of top-k ranks, one per depth.
+Path ``(a, b)`` is the node reached by taking rank ``a`` of head 0's top-k, then rank ``b`` of
+head 1's top-k, all computed at the same (last committed) position (Medusa paper, section 2.1.2).
+
+Node numbering follows the reference: paths sorted by (depth, lexicographic); node 0 is the
+root (the base model's own next token) and path ``sorted_paths[j]`` is node ``j + 1``.
+This order is topological, which llama.cpp's batch checks require.
+
+Tree attention in llama.cpp (DESIGN.md section 3): every leaf gets its own ``seq_id`` and a
+node carries the seq ids of all leaves below it, so node i sees node j iff j is an ancestor
+of i (or i itself).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from typing import Iterable, Sequence
+
+import numpy as np
+
+Path = tuple[int, ...]
+
+
+class TreeError(ValueError):
+    """A tree that cannot be used: malformed, or too big for the heads or the context."""
+
+
+def _load_presets() -> dict[str, list[Path]]:
+    raw = json.loads(resources.files(__package__).joinpath("tree_presets.json").read_text())
+    return {name: [tuple(p) for p in paths] for name, paths in raw.items()}
+
+
+#: The reference implementation's trees (FasterDecoding/Medusa, medusa_choices.py): 64 tokens,
+#: depth 4, top-10 ranks. Tuned for A100s; on a CPU a chain or a small tree usually pays more.
+PRESETS: dict[str, list[Path]] = _load_presets()
+
+
+def chain(depth: int) -> list[Path]:
+    """The top-1 chain ``[(0,), (0, 0), ...]`` of ``depth`` nodes below the root."""
+    if depth < 0:
+        raise TreeError(f"chain depth must be >= 0, got {depth}")
+    return [(0,) * d for d in range(1, depth + 1)]
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A validated candidate tree with the index arrays a step needs.
+
+    Arrays (n = n_nodes, including the root at index 0):
+      depth[n]      int32   root 0; node at depth d sits at position n_past + d
+      parent[n]     int32   parent node index; -1 for the root
+      rank[n]       int32   top-k rank taken from head depth-1; 0 for the root
+      leaves        list    node indices of the leaves; leaf i owns seq_id i
+      seq_sets      list    per node, the sorted seq ids of the leaves below it
+      children      list    per node, child node indices in node order
+    """
+
+    paths: tuple[Path, ...]  # sorted, without the root
+    depth: np.ndarray = field(repr=False)
+    parent: np.ndarray = field(repr=False)
+    rank: np.ndarray = field(repr=False)
+    leaves: tuple[int, ...] = field(repr=False)
+    seq_sets: tuple[tuple[int, ...], ...] = field(repr=False)
+    children: tuple[tuple[int, ...], ...] = field(repr=False)
+
+    @staticmethod
+    def from_paths(paths: Iterable[Sequence[int]]) -> "Tree":
+        """Validate ``paths`` (any order, duplicates rejected) and build the index arrays."""
+        norm: list[Path] = []
+        for p in paths:
+            try:
+                t = tuple(int(r) for r in p)
+            except (TypeError, ValueError):
+                raise TreeError(f"a tree path must be a sequence of integer ranks, got {p!r}") from None
+            if not t:
+                raise TreeError("empty path in tree: the root is implicit, do not list it")
+            if any(r < 0 for r in t):
+                raise TreeError(f"negative rank in tree path {t}")
+            norm.append(t)
+        if len(set(norm)) != len(norm):
+            raise TreeError("tree has duplicate paths")
+        known = set(norm)
+        for t in norm:
+            if len(t) > 1 and t[:-1] not in known:
+                raise TreeError(f"tree is not prefix-closed: {t} is listed but its parent {t[:-1]} is not")
+        ordered = tuple(sorted(norm, key=lambda t: (len(t), t)))
+        index = {t: j + 1 for j, t in enumerate(ordered)}
+        n = len(ordered) + 1
+        depth = np.zeros(n, np.int32)
+        parent = np.full(n, -1, np.int32)
+        rank = np.zeros(n, np.int32)
+        children: list[list[int]] = [[] for _ in range(n)]
+        for t, j in index.items():
+            depth[j] = len(t)
+            parent[j] = index[t[:-1]] if len(t) > 1 else 0
+            rank[j] = t[-1]
+            children[parent[j]].append(j)
+        children = [sorted(c) for c in children]
+        leaves = tuple(j for j in range(n) if not children[j])
+        sets: list[set[int]] = [set() for _ in range(n)]
+        for seq_id, leaf in enumerate(leaves):
+            j = leaf
+            while j >= 0:
+                sets[j].add(seq_id)
+                j = int(parent[j])
+        return Tree(
+            paths=ordered,
+            depth=depth,
+            parent=parent,
+            rank=rank,
+            leaves=leaves,
+            seq_sets=tuple(tuple(sorted(s)) for s in sets),
+            children=tuple(tuple(c) for c in children),
+        )
+
+    @staticmethod
+    def resolve(spec: "str | Sequence[Sequence[int]] | Tree") -> "Tree":
+        """A Tree from a preset name, ``"chain:N"``, a JSON file of paths, or a list of paths."""
+        if isinstance(spec, Tree):
+            return spec
+        if isinstance(spec, str):
+            if spec in PRESETS:
+                return Tree.from_paths(PRESETS[spec])
+            if spec.startswith("chain:"):
+                try:
+                    return Tree.from_paths(chain(int(spec.split(":", 1)[1])))
+                except ValueError:
+                    raise TreeError(f"bad chain spec {spec!r}: use chain:N, e.g. chain:4") from None
+            if spec.endswith(".json"):
+                try:
+                    with open(spec) as f:
+                        return Tree.from_paths(json.load(f))
+                except OSError as e:
+                    raise TreeError(f"cannot read tree file {spec}: {e.strerror}") from None
+                except json.JSONDecodeError as e:
+                    raise TreeError(f"tree file {spec} is not valid JSON: {e}") from None
+            names = ", ".join(sorted(PRESETS))
+            raise TreeError(f"unknown tree {spec!r}: use one of {names}, chain:N, or a .json file of paths")
+        return Tree.from_paths(spec)
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def n_nodes(self) -> int:
+        """Tokens in one verification batch, root included."""
+        return len(self.paths) + 1
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    @property
+    def n_leaves(self) -> int:
+        return len(self.leaves)
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.rank.max()) if len(self.paths) else -1
+
+    @cached_property
+    def topk_index(self) -> np.ndarray:
+        """[n_nodes - 1] int64: where node j+1's token sits in a flattened [n_heads, top_k] array
+        of head proposals, for ``top_k = max_rank + 1``. Equal to the reference's tree_indices - 1."""
+        k = self.max_rank + 1
+        return ((self.depth[1:] - 1) * k + self.rank[1:]).astype(np.int64)
+
+    def truncated(self, max_depth: int) -> "Tree":
+        """This tree without the nodes deeper than ``max_depth`` (still prefix-closed)."""
+        if max_depth >= self.max_depth:
+            return self
+        return Tree.from_paths([p for p in self.paths if len(p) <= max_depth])
+
+    def check(self, *, n_heads: int, n_seq_max: int, n_batch: int) -> None:
+        """Raise TreeError if this tree cannot run with these heads and this context."""
+        if self.max_depth > n_heads:
+            raise TreeError(f"tree depth {self.max_depth} needs {self.max_depth} Medusa heads, the heads file has {n_heads}")
+        if self.n_leaves > n_seq_max:
+            raise TreeError(
+                f"tree has {self.n_leaves} leaves but the context holds {n_seq_max} sequences "
+                f"(llama.cpp allows at most 256): use a smaller tree"
+            )
+        if self.n_nodes > n_batch:
+            raise TreeError(f"tree has {self.n_nodes} nodes but n_batch is {n_batch}: use a smaller tree or a larger n_batch")
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to ``node``, both included."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = int(self.parent[node])
+        return out[::-1]
+
+    def candidate_tokens(self, root: int, proposals: np.ndarray) -> np.ndarray:
+        """[n_nodes] int32 tokens of the tree: the root, then for each node the token of its rank
+        in its head's proposals. ``proposals`` is [n_heads, top_k] token ids, rank-sorted."""
+        k = self.max_rank + 1
+        flat = np.ascontiguousarray(proposals[: self.max_depth, :k]).reshape(-1)
+        out = np.empty(self.n_nodes, np.int32)
+        out[0] = root
+        out[1:] = flat[self.topk_index]
+        return out
+
+
+# -- acceptance: pure functions over one verified tree --------------------------------------------
+
+
+def accept_greedy(tree: Tree, tokens: np.ndarray, argmax: np.ndarray) -> list[int]:
+    """The longest root path whose every node equals the base model's argmax at its parent.
+
+    tokens[n]: the tree's tokens; argmax[n]: the base model's argmax at each node.
+    Returns the accepted node indices, root first. Ties between siblings cannot arise
+    (siblings with the same token share the same prefix; the first in node order wins).
+    """
+    path = [0]
+    node = 0
+    while True:
+        want = argmax[node]
+        nxt = next((c for c in tree.children[node] if tokens[c] == want), None)
+        if nxt is None:
+            return path
+        path.append(nxt)
+        node = nxt
+
+
+def typical_threshold(probs: np.ndarray, posterior_threshold: float, posterior_alpha: float) -> float:
+    """The reference's typical-acceptance threshold min(eps, delta * exp(-H(p))), H with +1e-5."""
+    entropy = float(-(probs * np.log(probs + 1e-5)).sum())
+    return min(posterior_threshold, posterior_alpha * float(np.exp(-entropy)))
+
+
+def accept_typical(
+    tree: Tree,
+    tokens: np.ndarray,
+    probs_at: "callable",
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+) -> list[int]:
+    """Typical acceptance (lossy, Medusa paper section 2.3.1).
+
+    A node x is accepted iff p(x | its parent) > min(eps, delta * exp(-H)), with p the base
+    model's tempered distribution at the parent (``probs_at(node) -> [n_vocab]``). Among the
+    longest accepted paths, the one with the largest sum of log p wins.
+    """
+    ok = np.zeros(tree.n_nodes, bool)
+    logp = np.zeros(tree.n_nodes)
+    ok[0] = True
+    cache: dict[int, tuple[np.ndarray, float]] = {}
+    for j in range(1, tree.n_nodes):
+        par = int(tree.parent[j])
+        if not ok[par]:
+            continue
+        if par not in cache:
+            p = probs_at(par)
+            cache[par] = (p, typical_threshold(p, posterior_threshold, posterior_alpha))
+        p, thr = cache[par]
+        q = float(p[tokens[j]])
+        if q > thr:
+            ok[j] = True
+            logp[j] = logp[par] + np.log(q)
+    best, best_key = 0, (0, 0.0)
+    for j in range(tree.n_nodes):
+        if ok[j]:
+            key = (int(tree.depth[j]), float(logp[j]))
+            if key > best_key:
+                best, best_key = j, key
+    return tree.path_to(best)
