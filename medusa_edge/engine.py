@@ -231,13 +231,16 @@ class Engine:
             return Tree.from_paths(json.loads(self.heads_info["tree"]))
         return Tree.from_paths(PRESETS["mc_sim_7b_63"]).truncated(n_heads)
 
-    def _shape(self, max_depth: int) -> tuple[Tree, object]:
-        """The tree cut to ``max_depth`` and its native shape, cached."""
-        max_depth = min(max_depth, self.tree.max_depth)
-        if max_depth not in self._shapes:
-            t = self.tree.truncated(max_depth)
-            self._shapes[max_depth] = (t, native.TreeShape(t.depth.tolist(), [list(s) for s in t.seq_sets]))
-        return self._shapes[max_depth]
+    def _shape(self, max_depth: int, max_nodes: int) -> tuple[Tree, object]:
+        """The tree cut to ``max_depth`` and then to its first ``max_nodes`` nodes (node order is
+        breadth-first, so any prefix is still a tree), with its native shape; cached."""
+        t = self.tree.truncated(max(max_depth, 0))
+        key = (t.max_depth, min(t.n_nodes, max(max_nodes, 1)))
+        if key not in self._shapes:
+            if key[1] < t.n_nodes:
+                t = Tree.from_paths(t.paths[: key[1] - 1])
+            self._shapes[key] = (t, native.TreeShape(t.depth.tolist(), [list(s) for s in t.seq_sets]))
+        return self._shapes[key]
 
     @property
     def n_ctx(self) -> int:
@@ -287,7 +290,8 @@ class Engine:
                 return
             while True:
                 remaining = budget - len(generated)
-                tree, shape = self._shape(remaining - 1)
+                # the tree must fit both the tokens still wanted and the free KV cells
+                tree, shape = self._shape(remaining - 1, self.n_ctx - n_past)
                 # propose: the heads' top-k at the position that produced the root
                 th = time.perf_counter()
                 proposals = self._propose(tree, row, generated, proposer)

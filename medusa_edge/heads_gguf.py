@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -63,18 +63,7 @@ def write_heads_gguf(
     tmp = path + ".tmp"
     w = gguf.GGUFWriter(tmp, schema.ARCH)
     try:
-        w.add_uint32(schema.KEY_SCHEMA_VERSION, schema.SCHEMA_VERSION)
-        w.add_uint32(schema.KEY_HEAD_COUNT, meta.n_heads)
-        w.add_uint32(schema.KEY_BLOCK_COUNT, meta.n_layers)
-        w.add_uint32(schema.KEY_EMBEDDING_LENGTH, meta.n_embd)
-        w.add_uint32(schema.KEY_VOCAB_SIZE, meta.n_vocab)
-        w.add_bool(schema.KEY_SHARED_OUTPUT, meta.shared_output)
-        if meta.tree is not None:
-            w.add_string(schema.KEY_TREE, json.dumps([list(map(int, p)) for p in meta.tree]))
-        w.add_uint32(schema.KEY_BASE_VOCAB_SIZE, meta.n_vocab)
-        w.add_uint32(schema.KEY_BASE_EMBEDDING_LENGTH, meta.n_embd)
-        w.add_string(schema.KEY_BASE_VOCAB_HASH, meta.base_vocab_hash)
-        w.add_file_type(0 if head_type == "f32" else 1 if head_type == "f16" else 7)
+        _add_heads_meta(w, meta, head_type)
         for name, arr in tensors:
             data, dtype = _encode(arr, head_type, name.endswith(".bias"))
             w.add_tensor(name, data, raw_dtype=dtype)
@@ -90,6 +79,139 @@ def write_heads_gguf(
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _add_heads_meta(w, meta: HeadsMeta, head_type: str) -> None:
+    w.add_uint32(schema.KEY_SCHEMA_VERSION, schema.SCHEMA_VERSION)
+    w.add_uint32(schema.KEY_HEAD_COUNT, meta.n_heads)
+    w.add_uint32(schema.KEY_BLOCK_COUNT, meta.n_layers)
+    w.add_uint32(schema.KEY_EMBEDDING_LENGTH, meta.n_embd)
+    w.add_uint32(schema.KEY_VOCAB_SIZE, meta.n_vocab)
+    w.add_bool(schema.KEY_SHARED_OUTPUT, meta.shared_output)
+    if meta.tree is not None:
+        w.add_string(schema.KEY_TREE, json.dumps([list(map(int, p)) for p in meta.tree]))
+    w.add_uint32(schema.KEY_BASE_VOCAB_SIZE, meta.n_vocab)
+    w.add_uint32(schema.KEY_BASE_EMBEDDING_LENGTH, meta.n_embd)
+    w.add_string(schema.KEY_BASE_VOCAB_HASH, meta.base_vocab_hash)
+    w.add_file_type(0 if head_type == "f32" else 1 if head_type == "f16" else 7)
+
+
+# -- streaming: one tensor (and one block of rows) at a time, bounded memory -----------------------
+
+#: rows are encoded in blocks of about this many f32 bytes
+STREAM_BLOCK_BYTES = 32 << 20
+
+
+@dataclass
+class StreamTensor:
+    """A tensor to stream into a GGUF: ``shape`` in numpy/torch order (rows first), its GGML
+    type, and ``rows(r0, r1)`` returning rows [r0, r1) as float32 (the whole vector for 1-D)."""
+
+    name: str
+    shape: tuple
+    qtype: "object"  # gguf.GGMLQuantizationType
+    rows: Callable[[int, int], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        return int(np.prod(gguf.quants.quant_shape_to_byte_shape(tuple(self.shape), self.qtype)))
+
+
+def _encode_block(arr: np.ndarray, qtype) -> np.ndarray:
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == T.F32:
+        return arr
+    if qtype == T.F16:
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr, qtype)
+
+
+def heads_tensor_type(name: str, shape: Sequence[int], head_type: str):
+    """The GGML type a heads tensor is stored in (same rule as ``write_heads_gguf``)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"heads type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
+    if name.endswith(".bias") or len(shape) == 1 or head_type == "f32":
+        return T.F32
+    if head_type == "f16" or shape[-1] % 32:
+        return T.F16
+    return T.Q8_0
+
+
+def write_gguf_streaming(
+    path: str,
+    arch: str,
+    add_meta: Callable[[object], None],
+    tensors: Sequence[StreamTensor],
+    progress=None,
+    block_bytes: int = STREAM_BLOCK_BYTES,
+) -> None:
+    """Write a GGUF whose tensors are produced block by block: memory stays near one block.
+
+    ``add_meta(writer)`` adds the key/values; ``progress(n_bytes)`` is called after each block.
+    Written to ``path + '.tmp'`` and renamed at the end; a failure (or Ctrl-C) leaves nothing.
+    """
+    import gguf
+
+    tmp = path + ".tmp"
+    w = gguf.GGUFWriter(tmp, arch)
+    try:
+        add_meta(w)
+        for t in tensors:
+            w.add_tensor_info(t.name, tuple(int(d) for d in t.shape), np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        for t in tensors:
+            w.write_padding(fout, fout.tell())
+            n_rows = int(t.shape[0]) if len(t.shape) > 1 else 1
+            row_bytes = 4 * int(np.prod(t.shape)) // max(n_rows, 1)
+            step = max(1, block_bytes // max(row_bytes, 1))
+            written = 0
+            for r0 in range(0, n_rows, step):
+                r1 = min(n_rows, r0 + step)
+                block = t.rows(r0, r1) if len(t.shape) > 1 else t.rows(0, 1)
+                want = (r1 - r0, *t.shape[1:]) if len(t.shape) > 1 else tuple(t.shape)
+                if tuple(block.shape) != tuple(want):
+                    raise ValueError(f"tensor {t.name}: rows {r0}:{r1} have shape {tuple(block.shape)}, expected {want}")
+                data = _encode_block(block, t.qtype)
+                data.tofile(fout)
+                written += data.nbytes
+                if progress is not None:
+                    progress(data.nbytes)
+                del block, data
+            if written != t.nbytes:
+                raise ValueError(f"tensor {t.name}: wrote {written} bytes, expected {t.nbytes}")
+            w.write_padding(fout, written)
+        w.state = gguf.gguf_writer.WriterState.WEIGHTS
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            w.close()
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+
+
+def write_heads_gguf_streaming(
+    path: str, meta: HeadsMeta, tensors: Sequence[StreamTensor], head_type: str = "f16", progress=None,
+    block_bytes: int = STREAM_BLOCK_BYTES,
+) -> None:
+    """``write_heads_gguf`` for large heads: ``tensors`` (schema names, types from
+    ``heads_tensor_type``) are read and encoded a block of rows at a time."""
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"heads type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
+    write_gguf_streaming(path, schema.ARCH, lambda w: _add_heads_meta(w, meta, head_type), tensors, progress, block_bytes)
 
 
 def heads_tensors(

@@ -298,6 +298,9 @@ struct Context {
                                         std::to_string(n_seq_max) + " sequences");
         const int32_t max_depth = *std::max_element(tree.depth.begin(), tree.depth.end());
         check_fits(n_past, n, max_depth + 1);
+        if (n_past + n > n_ctx)  // every node takes a KV cell; the cache holds n_past committed cells
+            throw std::invalid_argument("a tree of " + std::to_string(n) + " nodes does not fit the " +
+                                        std::to_string(n_ctx - n_past) + " free cells of the KV cache");
         const int32_t *tok = tokens.data();
         for (int i = 0; i < n; ++i) model->check_token(tok[i]);
         set_embeddings(true);
