@@ -157,6 +157,7 @@ class Engine:
         n_threads: Optional[int] = None,
         n_gpu_layers: int = 0,
         f32_kv: bool = False,
+        top_k: int = 10,
         verbose: bool = False,
     ):
         native.set_verbose(verbose)
@@ -188,16 +189,12 @@ class Engine:
 
         self.tree = self._choose_tree(tree)
         n_heads = self.heads_info["n_heads"] if self.heads_info else self.tree.max_depth
-        n_seq_max = max(1, self.tree.n_leaves)
-        if n_seq_max > native.max_parallel_sequences():
-            raise TreeError(f"tree has {self.tree.n_leaves} leaves; llama.cpp holds at most {native.max_parallel_sequences()} sequences")
-        if self.tree.n_nodes > n_batch:
-            raise TreeError(f"tree has {self.tree.n_nodes} nodes but n_batch is {n_batch}: use a smaller tree or a larger n_batch")
+        # the context gets one sequence per leaf; check before allocating anything
+        self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
         try:
-            self.ctx = native.Context(self.model, n_ctx, n_batch, n_threads, n_seq_max, f32_kv)
+            self.ctx = native.Context(self.model, n_ctx, n_batch, n_threads, max(1, self.tree.n_leaves), f32_kv)
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
-        self.tree.check(n_heads=n_heads, n_seq_max=self.ctx.n_seq_max, n_batch=self.ctx.n_batch)
         if heads_path is not None:
             try:
                 self.heads = native.Heads(heads_path, model_path, n_threads, n_gpu_layers != 0)

@@ -174,8 +174,10 @@ class Tree:
             return self
         return Tree.from_paths([p for p in self.paths if len(p) <= max_depth])
 
-    def check(self, *, n_heads: int, n_seq_max: int, n_batch: int) -> None:
+    def check(self, *, n_heads: int, n_seq_max: int, n_batch: int, top_k: int = 10) -> None:
         """Raise TreeError if this tree cannot run with these heads and this context."""
+        if self.max_rank >= top_k:
+            raise TreeError(f"tree uses rank {self.max_rank} but the heads propose top_k = {top_k} tokens (ranks 0..{top_k - 1})")
         if self.max_depth > n_heads:
             raise TreeError(f"tree depth {self.max_depth} needs {self.max_depth} Medusa heads, the heads file has {n_heads}")
         if self.n_leaves > n_seq_max:

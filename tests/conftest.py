@@ -11,6 +11,6 @@ def models(tmp_path_factory):
     m = {}
     m["f32"] = write_llama_gguf(str(d / "tiny-f32.gguf"), seed=0)
     m["f32_heads"] = write_random_heads(str(d / "tiny-f32.medusa.gguf"), m["f32"], n_heads=4, seed=1, head_type="f32")
-    m["other_vocab"] = write_llama_gguf(str(d / "other-vocab.gguf"), seed=0, vocab_salt=7)
+    m["other_vocab"] = write_llama_gguf(str(d / "other-vocab.gguf"), seed=0, vocab_salt=7, vocab_size=m["f32"].n_vocab)
     m["dir"] = d
     return m

@@ -1,0 +1,82 @@
+"""Medusa heads evaluated by ggml equal a numpy reference of ResBlock + W_out."""
+
+import numpy as np
+import pytest
+
+from medusa_edge import Engine
+from medusa_edge._loader import native
+from medusa_edge.testing import heads_reference, write_llama_gguf, write_random_heads
+
+
+def hidden_states(n, n_embd, seed=0):
+    """Random unit-RMS vectors, like the post-norm hidden state the heads read."""
+    h = np.random.default_rng(seed).standard_normal((n, n_embd)).astype(np.float32)
+    return h / np.sqrt((h**2).mean(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_f32_heads_equal_numpy(models, tmp_path, n_layers):
+    base = models["f32"]
+    hw = write_random_heads(str(tmp_path / "h.medusa.gguf"), base, n_heads=3, n_layers=n_layers, seed=3, head_type="f32")
+    heads = native.Heads(hw.path, base.path, 2)
+    assert (heads.n_heads, heads.n_layers, heads.shared_output) == (3, n_layers, False)
+    for h in hidden_states(20, base.n_embd):
+        ids, logp = heads.propose_hidden(h, 10)
+        ref_ids, ref_logits = heads_reference(h, hw.res, hw.out, 10)
+        ref_logp = ref_logits - np.log(np.exp(ref_logits - ref_logits.max(1, keepdims=True)).sum(1, keepdims=True)) - ref_logits.max(1, keepdims=True)
+        got_logp = np.take_along_axis(ref_logp, ids.astype(np.int64), 1)
+        assert np.abs(logp - got_logp).max() < 1e-4  # returned log-probs are those of the returned ids
+        assert np.abs(logp - np.take_along_axis(ref_logp, ref_ids, 1)).max() < 1e-4  # and the top-k values match
+        assert (ids[:, 0] == ref_ids[:, 0]).all()
+
+
+def test_q8_0_heads_top1_agreement(tmp_path):
+    """Q8_0 heads agree with the f32 numpy reference on top-1 for at least 99% of inputs.
+
+    Inputs lean towards one token's output row, as a trained model's hidden states do. (On
+    isotropic random inputs a random 646-way head often has its top-2 logits within Q8_0 noise;
+    there agreement is about 98%, which says nothing about real heads.)"""
+    base = write_llama_gguf(str(tmp_path / "b.gguf"), n_embd=128, seed=4)
+    hw = write_random_heads(str(tmp_path / "b.medusa.gguf"), base, n_heads=4, seed=5, head_type="q8_0")
+    heads = native.Heads(hw.path, base.path, 2)
+    rng = np.random.default_rng(6)
+    agree = total = 0
+    for k in range(400):
+        head = k % 4  # the head whose prediction this input is about
+        w = hw.out[head][rng.integers(base.n_vocab)]
+        h = 0.5 * w / np.sqrt((w**2).mean()) + rng.standard_normal(128)
+        h = (h / np.sqrt((h**2).mean())).astype(np.float32)
+        ids, _ = heads.propose_hidden(h, 4)
+        ref_ids, _ = heads_reference(h, hw.res, hw.out, 1)
+        agree += int(ids[head, 0] == ref_ids[head, 0])
+        total += 1
+    assert agree / total >= 0.99, agree / total
+
+
+def test_shared_output_heads_use_base_lm_head(models, tmp_path):
+    """'version 2' heads have no W_out and reuse the base's output.weight, read from the model GGUF."""
+    import gguf
+
+    base = models["f32"]
+    hw = write_random_heads(str(tmp_path / "v2.medusa.gguf"), base, n_heads=2, seed=8, shared_output=True)
+    r = gguf.GGUFReader(base.path)
+    t = next(t for t in r.tensors if t.name == "output.weight")
+    lm_head = np.asarray(t.data, np.float32).reshape(base.n_vocab, base.n_embd)
+    heads = native.Heads(hw.path, base.path, 2)
+    assert heads.shared_output
+    for h in hidden_states(5, base.n_embd, seed=9):
+        ids, _ = heads.propose_hidden(h, 5)
+        ref_ids, _ = heads_reference(h, hw.res, [lm_head, lm_head], 5)
+        assert (ids[:, 0] == ref_ids[:, 0]).all()
+
+
+def test_heads_read_the_hidden_state_of_the_context(models):
+    """propose(ctx, row) = propose_hidden(hidden of that row): heads see llama.cpp's post-norm state."""
+    e = Engine(models["f32"].path, models["f32_heads"].path, tree="chain:4", n_ctx=256)
+    e.ctx.truncate(0)
+    e.ctx.prefill(e.model.tokenize("the water", True, False), 0)
+    h = e.ctx.hidden(0)
+    assert abs(float(np.sqrt((h**2).mean())) - 1.0) < 1e-3  # RMS-normed with unit norm weights
+    a = e.heads.propose(e.ctx, 0, 10)
+    b = e.heads.propose_hidden(h, 10)
+    assert (a[0] == b[0]).all() and np.allclose(a[1], b[1])
