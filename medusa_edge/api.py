@@ -92,7 +92,7 @@ class Medusa:
             candidate = schema.sidecar_path(model_path)
             if os.path.isfile(candidate):
                 heads_path = candidate
-            elif tree is None:
+            elif tree is None and os.path.isfile(model_path):
                 print(f"medusa-edge: no heads file {candidate}; decoding plainly (one token per forward)", file=sys.stderr)
         self.model_path = model_path
         self.verbose = verbose

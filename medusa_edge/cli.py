@@ -1,0 +1,109 @@
+"""medusa-edge command line: streamed generation with Medusa statistics.
+
+    medusa-edge generate [MODEL] -p PROMPT [--heads FILE] [--tree NAME] [-n N] [--temp T] ...
+    medusa-edge trees
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  medusa-edge generate -p "Once upon a time"                     # bundled demo model
+  medusa-edge generate model.gguf -p "Hello" -n 128              # heads: model.medusa.gguf if present
+  medusa-edge generate model.gguf --heads h.medusa.gguf --tree chain:3 --temp 0.7 --seed 1
+  medusa-edge generate model.gguf -p "Hi" --no-medusa            # plain decoding, for comparison
+"""
+
+
+def _add_generate(sub):
+    g = sub.add_parser(
+        "generate", help="stream a completion and print Medusa statistics",
+        description="Stream a completion of PROMPT with Medusa decoding, then print tokens/s, tokens per step "
+        "and acceptance. Output equals plain llama.cpp decoding of the same model (greedy, or sampled with the same seed).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument("model", nargs="?", help="base model GGUF (default: the bundled demo model)")
+    g.add_argument("-p", "--prompt", required=True, help="text to complete")
+    g.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
+    g.add_argument("--tree", help="tree: a preset (see 'medusa-edge trees'), chain:N, or a JSON file of paths "
+                   "(default: the tree stored in the heads file)")
+    g.add_argument("--no-medusa", action="store_true", help="decode plainly, one token per forward")
+    g.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128; <= 0: until the context is full)")
+    g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--typical", action="store_true", help="typical acceptance (LOSSY: faster at T > 0, output differs from plain decoding)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
+    g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+
+
+def _generate(args) -> int:
+    from . import Medusa, MedusaError, TreeError
+
+    try:
+        llm = Medusa(
+            args.model, args.heads, tree="chain:0" if args.no_medusa else args.tree, n_ctx=args.ctx_size,
+            n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
+        )
+        chunks = llm.create_completion(
+            args.prompt, max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+            min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop, stream=True,
+            acceptance="typical" if args.typical else "exact",
+        )
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        last = None
+        for c in chunks:
+            sys.stdout.write(c["choices"][0]["text"])
+            sys.stdout.flush()
+            last = c
+        sys.stdout.write("\n")
+    except (MedusaError, TreeError) as e:
+        print(f"medusa-edge: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nmedusa-edge: interrupted", file=sys.stderr)
+        return 130
+    s = last["medusa"]
+    hist = " ".join(f"{k}:{v}" for k, v in s["accepted_length_histogram"].items())
+    heads = " ".join(f"{a:.2f}" for a in s["head_acceptance"])
+    print(
+        f"\n{s['generated_tokens']} tokens in {s['time_total_s']:.2f} s ({s['tokens_per_second']:.1f} tok/s after a "
+        f"{s['prompt_tokens']}-token prompt) | {s['steps']} steps, {s['tokens_per_step']:.2f} tokens/step | "
+        f"tree {llm.tree.n_nodes} nodes | accepted per step {hist or '-'} | head acceptance {heads or '-'} | "
+        f"time: decode {s['time_decode_s']:.3f} s, heads {s['time_heads_s']:.3f} s, other {s['time_other_s']:.3f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _trees(_args) -> int:
+    from .tree import PRESETS, Tree
+
+    for name in sorted(PRESETS):
+        t = Tree.resolve(name)
+        print(f"{name:20s} {t.n_nodes} nodes, {t.n_leaves} leaves, depth {t.max_depth}")
+    print("chain:N              N+1 nodes, 1 leaf, depth N (top-1 of each head)")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="medusa-edge", description="Lossless Medusa decoding on llama.cpp.", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_generate(sub)
+    sub.add_parser("trees", help="list the tree presets")
+    args = ap.parse_args(argv)
+    return {"generate": _generate, "trees": _trees}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
