@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--vicuna-heads", action="store_true")
     args = ap.parse_args()
     wd = args.workdir or tempfile.mkdtemp(prefix="medusa-bench-")
+    os.makedirs(wd, exist_ok=True)
     model = os.path.join(wd, "bench-100m-q8_0.gguf")
     heads = os.path.join(wd, "bench-100m-q8_0.medusa.gguf")
     if not os.path.exists(model):

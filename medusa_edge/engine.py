@@ -344,7 +344,7 @@ class Engine:
             if out.shape != (tree.max_depth, k):
                 raise ValueError(f"proposer returned shape {out.shape}, expected {(tree.max_depth, k)}")
             return out
-        ids, _ = self.heads.propose(self.ctx, row, k)
+        ids, _ = self.heads.propose(self.ctx, row, k, tree.max_depth)
         return ids
 
     def _accept(self, tree: Tree, tokens: np.ndarray, sampler, p: SamplingParams) -> tuple[list[int], int]:

@@ -470,8 +470,8 @@ struct Heads {
     ggml_backend_buffer_t wbuf = nullptr;
     std::vector<std::vector<ggml_tensor *>> w, b;  // [head][layer]
     std::vector<ggml_tensor *> w_out;               // [head] (all equal when shared)
-    // compute graph, rebuilt when top_k changes
-    int32_t graph_k = -1;
+    // compute graph, rebuilt when top_k or the number of heads used changes
+    int32_t graph_k = -1, graph_n = -1;
     ggml_context *gctx = nullptr;
     ggml_cgraph *graph = nullptr;
     ggml_gallocr_t galloc = nullptr;
@@ -619,8 +619,8 @@ struct Heads {
         }
     }
 
-    void build(int32_t k) {
-        if (graph_k == k) return;
+    void build(int32_t k, int32_t n_used) {
+        if (graph_k == k && graph_n == n_used) return;
         if (galloc) ggml_gallocr_free(galloc), galloc = nullptr;
         if (gctx) ggml_free(gctx), gctx = nullptr;
         const size_t n_nodes = (size_t)n_heads * (4 * n_layers + 8) + 16;
@@ -633,14 +633,14 @@ struct Heads {
         ggml_set_input(in_h);
         out_ids.clear();
         out_probs.clear();
-        for (int i = 0; i < n_heads; ++i) {
+        for (int i = 0; i < n_used; ++i) {
             ggml_tensor *x = in_h;
             for (int j = 0; j < n_layers; ++j) {
                 ggml_tensor *y = ggml_add(gctx, ggml_mul_mat(gctx, w[i][j], x), ggml_reshape_1d(gctx, b[i][j], n_embd));
                 x = ggml_add(gctx, x, ggml_silu(gctx, y));
             }
             ggml_tensor *logits = ggml_mul_mat(gctx, w_out[i], x);        // [n_vocab, 1]
-            ggml_tensor *ids = ggml_argsort_top_k(gctx, logits, k);       // [k, 1] i32, best first
+            ggml_tensor *ids = ggml_top_k(gctx, logits, k);               // [k, 1] i32, in no particular order
             ggml_tensor *probs = ggml_soft_max(gctx, logits);             // [n_vocab, 1]
             ggml_tensor *rows = ggml_reshape_2d(gctx, probs, 1, n_vocab);  // one "row" per token
             ggml_tensor *top = ggml_get_rows(gctx, rows, ggml_reshape_1d(gctx, ids, k));  // [1, k]
@@ -654,12 +654,17 @@ struct Heads {
         galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
         if (!ggml_gallocr_alloc_graph(galloc, graph)) throw std::runtime_error("cannot allocate the Medusa heads' compute graph");
         graph_k = k;
+        graph_n = n_used;
     }
 
-    // ids [n_heads, k] int32 (best first) and log-probs [n_heads, k] float32 for hidden state h.
-    py::tuple run(const float *h, int32_t k) {
+    // ids [n_used, k] int32 (best first) and log-probs [n_used, k] float32 for hidden state h;
+    // n_used <= n_heads: only the heads a tree of that depth reads are computed.
+    py::tuple run(const float *h, int32_t k, int32_t n_used) {
         if (k < 1 || k > n_vocab) throw std::invalid_argument("top_k must be in [1, n_vocab]");
-        build(k);
+        if (n_used < 0) n_used = n_heads;
+        if (n_used < 1 || n_used > n_heads)
+            throw std::invalid_argument("n_heads_used must be in [1, " + std::to_string(n_heads) + "]");
+        build(k, n_used);
         ggml_backend_tensor_set(in_h, h, 0, sizeof(float) * n_embd);
         ggml_status st;
         {
@@ -667,27 +672,36 @@ struct Heads {
             st = ggml_backend_graph_compute(backend, graph);
         }
         if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("Medusa heads: graph compute failed on " + backend_name);
-        py::array_t<int32_t> ids({n_heads, k});
-        py::array_t<float> logp({n_heads, k});
-        for (int i = 0; i < n_heads; ++i) {
-            ggml_backend_tensor_get(out_ids[i], ids.mutable_data(i, 0), 0, sizeof(int32_t) * k);
-            ggml_backend_tensor_get(out_probs[i], logp.mutable_data(i, 0), 0, sizeof(float) * k);
+        py::array_t<int32_t> ids({n_used, k});
+        py::array_t<float> logp({n_used, k});
+        std::vector<int32_t> id(k), order(k);
+        std::vector<float> pr(k);
+        for (int i = 0; i < n_used; ++i) {
+            ggml_backend_tensor_get(out_ids[i], id.data(), 0, sizeof(int32_t) * k);
+            ggml_backend_tensor_get(out_probs[i], pr.data(), 0, sizeof(float) * k);
+            // rank order: probability descending, lower id first on ties
+            for (int j = 0; j < k; ++j) order[j] = j;
+            std::sort(order.begin(), order.end(), [&](int a, int b) { return pr[a] > pr[b] || (pr[a] == pr[b] && id[a] < id[b]); });
+            int32_t *io = ids.mutable_data(i, 0);
+            float *lo = logp.mutable_data(i, 0);
+            for (int j = 0; j < k; ++j) {
+                io[j] = id[order[j]];
+                lo[j] = std::log(std::max(pr[order[j]], 1e-30f));
+            }
         }
-        float *lp = logp.mutable_data();
-        for (int64_t j = 0; j < (int64_t)n_heads * k; ++j) lp[j] = std::log(std::max(lp[j], 1e-30f));
         return py::make_tuple(ids, logp);
     }
 
-    py::tuple propose(Context &c, int32_t row, int32_t k) {
+    py::tuple propose(Context &c, int32_t row, int32_t k, int32_t n_used) {
         if (llama_model_n_embd_out(c.model->model) != n_embd)
             throw std::invalid_argument("heads n_embd does not match the model");
-        return run(c.row_hidden(row), k);
+        return run(c.row_hidden(row), k, n_used);
     }
 
-    py::tuple propose_hidden(f32_array h, int32_t k) {
+    py::tuple propose_hidden(f32_array h, int32_t k, int32_t n_used) {
         if (h.ndim() != 1 || h.shape(0) != n_embd)
             throw std::invalid_argument("hidden state must be a vector of n_embd = " + std::to_string(n_embd) + " floats");
-        return run(h.data(), k);
+        return run(h.data(), k, n_used);
     }
 };
 
@@ -777,6 +791,6 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_vocab", &Heads::n_vocab)
         .def_readonly("shared_output", &Heads::shared_output)
         .def_readonly("backend", &Heads::backend_name)
-        .def("propose", &Heads::propose, py::arg("ctx"), py::arg("row"), py::arg("top_k"))
-        .def("propose_hidden", &Heads::propose_hidden, py::arg("hidden"), py::arg("top_k"));
+        .def("propose", &Heads::propose, py::arg("ctx"), py::arg("row"), py::arg("top_k"), py::arg("n_heads_used") = -1)
+        .def("propose_hidden", &Heads::propose_hidden, py::arg("hidden"), py::arg("top_k"), py::arg("n_heads_used") = -1);
 }
