@@ -184,7 +184,7 @@ def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
     import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=256, logits_all=True, type_k=0, type_v=0, flash_attn=False,
-                          n_threads=2, verbose=False, seed=0)
+                          n_threads=1, verbose=False, seed=0)
     try:
         llm.reset()
         llm.eval(tokens)
@@ -252,3 +252,268 @@ def test_base_logits_match_transformers(tmp_path, sp_model, arch):
     print("rel", rel)
     assert rel < 0.05, rel
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.8
+
+
+# -- heads: round trip through gguf-py, every published layout ----------------------------------
+
+def _check_heads(path: Path, sd, prefix: str, n_heads: int, n_layers: int, head_type: str, shared=False, v=384):
+    r = read_gguf(path)
+    assert field(r, "general.architecture") == schema.ARCH
+    assert field(r, schema.KEY_HEAD_COUNT) == n_heads
+    assert field(r, schema.KEY_BLOCK_COUNT) == n_layers
+    assert field(r, schema.KEY_EMBEDDING_LENGTH) == H
+    assert field(r, schema.KEY_VOCAB_SIZE) == v
+    assert bool(field(r, schema.KEY_SHARED_OUTPUT)) == shared
+    tree = json.loads(field(r, schema.KEY_TREE))
+    assert tree and max(len(p) for p in tree) <= n_heads
+    names = {t.name for t in r.tensors}
+    want = {schema.res_weight(i, j) for i in range(n_heads) for j in range(n_layers)}
+    want |= {schema.res_bias(i, j) for i in range(n_heads) for j in range(n_layers)}
+    if not shared:
+        want |= {schema.output_weight(i) for i in range(n_heads)}
+    assert names == want
+    for i in range(n_heads):
+        pairs = [(schema.res_weight(i, j), f"{prefix}{i}.{j}.linear.weight") for j in range(n_layers)]
+        pairs += [(schema.res_bias(i, j), f"{prefix}{i}.{j}.linear.bias") for j in range(n_layers)]
+        if not shared:
+            pairs.append((schema.output_weight(i), f"{prefix}{i}.{n_layers}.weight"))
+        for gname, sname in pairs:
+            src = sd[sname].float().numpy()
+            got = tensor(r, gname)
+            assert got.shape == src.shape, gname
+            if head_type == "f32" or src.ndim == 1:
+                np.testing.assert_array_equal(got, src, err_msg=gname)
+            elif head_type == "f16":
+                np.testing.assert_array_equal(got, src.astype(np.float16).astype(np.float32), err_msg=gname)
+            else:  # q8_0: within one quantization step of each 32-block (plus the f16 scale's rounding)
+                blocks = src.reshape(-1, 32)
+                step = np.abs(blocks).max(axis=1, keepdims=True) / 127.0
+                err = np.abs(got.reshape(-1, 32) - blocks)
+                assert np.all(err <= 0.5 * step * 1.01 + np.abs(blocks) * 1e-3 + 1e-12), gname
+
+
+@pytest.mark.parametrize(
+    "fmt,dtype,head_type",
+    [("pt", torch.bfloat16, "f32"), ("pt", torch.bfloat16, "q8_0"), ("safetensors", torch.bfloat16, "f16"),
+     ("safetensors", torch.float16, "f16"), ("pt", torch.float32, "f32"), ("safetensors", torch.float32, "q8_0")],
+)
+def test_medusa1_heads_roundtrip(tmp_path, llama_dir, fmt, dtype, head_type):
+    base, _ = llama_dir
+    sd = head_state_dict(dtype=dtype)
+    heads = write_medusa1(tmp_path / "medusa-heads", sd, fmt)  # config.json says 2 heads, the file holds 5
+    out = tmp_path / "out"
+    assert run_cli(base, heads, "-o", out, "--quant", "F16", "--heads-type", head_type) == 0
+    stem = f"{base.name}-F16"
+    _check_heads(out / f"{stem}.medusa.gguf", sd, "", 5, 1, head_type)
+    # the fingerprint is the one llama.cpp computes from the converted base
+    from medusa_edge._loader import native
+
+    m = native.Model(str(out / f"{stem}.gguf"), vocab_only=True)
+    assert field(read_gguf(out / f"{stem}.medusa.gguf"), schema.KEY_BASE_VOCAB_HASH) == f"{m.vocab_fingerprint():016x}"
+
+
+def test_two_resblocks_and_shared_output(tmp_path, llama_dir):
+    base, _ = llama_dir
+    sd = head_state_dict(n_heads=3, n_layers=2)
+    out = tmp_path / "out"
+    assert run_cli(base, write_medusa1(tmp_path / "h2", sd, "safetensors"), "-o", out, "--quant", "F32",
+                   "--heads-type", "f32") == 0
+    _check_heads(out / f"{base.name}-F32.medusa.gguf", sd, "", 3, 2, "f32")
+    # "version 2": ResBlocks only, logits through the base lm_head
+    sd2 = head_state_dict(n_heads=4, shared=True)
+    out2 = tmp_path / "out2"
+    heads2 = write_medusa1(tmp_path / "hv2", sd2, "safetensors", config={"medusa_num_heads": 4, "version": "2"})
+    assert run_cli(base, heads2, "-o", out2, "--quant", "F32", "--heads-type", "f16", "--tree", "chain:3") == 0
+    path = out2 / f"{base.name}-F32.medusa.gguf"
+    _check_heads(path, sd2, "", 4, 1, "f16", shared=True)
+    assert json.loads(field(read_gguf(path), schema.KEY_TREE)) == [[0], [0, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_medusa2_full_checkpoint(tmp_path, sp_model, fmt):
+    ck = tmp_path / "medusa-1.0-tiny-7b"
+    sd = write_medusa2(ck, sp_model, fmt)
+    out = tmp_path / "out"
+    assert run_cli(ck, "-o", out, "--quant", "F16", "--heads-type", "f16") == 0  # base and heads from one dir
+    base_gguf = out / f"{ck.name}-F16.gguf"
+    _check_heads(out / f"{ck.name}-F16.medusa.gguf", sd, "medusa_head.", 5, 1, "f16")
+    # the base is the checkpoint's own (fine-tuned) backbone, without the head tensors
+    r = read_gguf(base_gguf)
+    assert not any("medusa" in t.name for t in r.tensors)
+    np.testing.assert_array_equal(tensor(r, "token_embd.weight"), sd["model.embed_tokens.weight"].float().numpy())
+    # a different base for a Medusa-2 checkpoint is refused
+    other = tmp_path / "other-base"
+    write_hf_base(other, sp_model, seed=11)
+    out3 = tmp_path / "out3"
+    rc = run_cli(other, ck, "-o", out3)
+    assert rc == 1 and not out3.exists()
+
+
+# -- bad inputs: exit code 1, one line naming the file and the problem, nothing left behind -----
+
+def _truncate(p: Path, keep: float = 0.5) -> None:
+    data = p.read_bytes()
+    p.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_bad_heads_hidden_size(tmp_path, llama_dir, capsys):
+    base, _ = llama_dir
+    heads = write_medusa1(tmp_path / "h", head_state_dict(h=32))
+    out = tmp_path / "out"
+    assert_failed(run_cli(base, heads, "-o", out), capsys, out, "medusa_lm_head.pt", "hidden size 32", "has 64")
+
+
+def test_bad_heads_vocab(tmp_path, llama_dir, capsys):
+    base, _ = llama_dir
+    heads = write_medusa1(tmp_path / "h", head_state_dict(v=500), "safetensors")
+    out = tmp_path / "out"
+    assert_failed(run_cli(base, heads, "-o", out), capsys, out, "medusa_lm_head.safetensors", "500 tokens", "384")
+
+
+def test_bad_unknown_key_layout(tmp_path, llama_dir, capsys):
+    base, _ = llama_dir
+    sd = head_state_dict()
+    sd["0.0.fc.weight"] = sd.pop("0.0.linear.weight")
+    out = tmp_path / "out"
+    assert_failed(run_cli(base, write_medusa1(tmp_path / "h", sd), "-o", out), capsys, out,
+                  "medusa_lm_head.pt", "unknown key layout", "0.0.fc.weight")
+
+
+def test_bad_missing_tensor(tmp_path, llama_dir, capsys):
+    base, _ = llama_dir
+    sd = head_state_dict()
+    del sd["1.0.linear.bias"]
+    out = tmp_path / "out"
+    assert_failed(run_cli(base, write_medusa1(tmp_path / "h", sd), "-o", out), capsys, out, "'1.0.linear.bias' is missing")
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_bad_truncated_heads(tmp_path, llama_dir, capsys, fmt):
+    base, _ = llama_dir
+    heads = write_medusa1(tmp_path / "h", head_state_dict(), fmt)
+    f = heads / f"medusa_lm_head.{fmt}"
+    _truncate(f, 0.6)
+    out = tmp_path / "out"
+    assert_failed(run_cli(base, heads, "-o", out), capsys, out, str(f), "truncated")
+
+
+def test_bad_corrupt_safetensors_header(tmp_path, llama_dir, capsys):
+    base, _ = llama_dir
+    heads = write_medusa1(tmp_path / "h", head_state_dict(), "safetensors")
+    f = heads / "medusa_lm_head.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"#" * 32
+    f.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    assert_failed(run_cli(base, heads, "-o", out), capsys, out, str(f), "corrupt")
+
+
+def test_bad_nan_values_leave_nothing(tmp_path, llama_dir, capsys):
+    """Found while streaming the last head, after the base was written: both files go."""
+    base, _ = llama_dir
+    sd = head_state_dict()
+    sd["4.1.weight"][7, 3] = float("nan")
+    out = tmp_path / "out"
+    assert_failed(run_cli(base, write_medusa1(tmp_path / "h", sd), "-o", out, "--quant", "Q8_0"), capsys, out,
+                  "medusa_lm_head.pt", "4.1.weight", "NaN")
+
+
+def test_bad_unsupported_architecture(tmp_path, sp_model, capsys):
+    base = tmp_path / "qwen-ish"
+    write_hf_base(base, sp_model, extra_cfg={"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})
+    heads = write_medusa1(tmp_path / "h", head_state_dict())
+    out = tmp_path / "out"
+    assert_failed(run_cli(base, heads, "-o", out), capsys, out, "config.json", "unsupported architecture Qwen2ForCausalLM")
+
+
+def test_bad_corrupt_config_and_no_heads(tmp_path, llama_dir, capsys):
+    base, _ = llama_dir
+    heads = write_medusa1(tmp_path / "h", head_state_dict())
+    (heads / "config.json").write_text('{"medusa_num_heads": 5,')
+    out = tmp_path / "out"
+    assert_failed(run_cli(base, heads, "-o", out), capsys, out, str(heads / "config.json"), "not valid JSON")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_failed(run_cli(base, empty, "-o", out), capsys, out, str(empty), "no Medusa heads found")
+    # a plain base model given as HEADS has no medusa_head.* tensors
+    assert_failed(run_cli(base, base, "-o", out), capsys, out, str(base), "no Medusa heads found")
+
+
+def test_bad_gguf_base_and_options(tmp_path, llama_dir, capsys):
+    base, _ = llama_dir
+    heads = write_medusa1(tmp_path / "h", head_state_dict())
+    out = tmp_path / "out"
+    assert run_cli(base, heads, "-o", tmp_path / "good", "--quant", "F16") == 0
+    capsys.readouterr()
+    g = tmp_path / "good" / f"{base.name}-F16.gguf"
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(g.read_bytes()[:3000])
+    assert_failed(run_cli(bad, heads, "-o", out), capsys, out, str(bad), "corrupt or truncated GGUF")
+    assert_failed(run_cli(base, heads, "-o", out, "--quant", "Q9_X"), capsys, out, "unknown --quant")
+    assert_failed(run_cli(base, heads, "-o", out, "--tree", "chain:6"), capsys, out, "needs 6 heads", "has 5")
+
+
+def test_bad_preset_not_in_cache(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    out = tmp_path / "out"
+    assert_failed(run_cli("vicuna7b", "FasterDecoding/medusa-vicuna-7b-v1.3", "-o", out), capsys, out,
+                  "FasterDecoding/medusa-vicuna-7b-v1.3", str(cache / "models--FasterDecoding--medusa-vicuna-7b-v1.3"),
+                  "download")
+
+
+# -- the CLI as users run it ----------------------------------------------------------------------
+
+def _cli_env(**extra):
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_presets_from_hf_cache_and_gguf_base(tmp_path, llama_dir):
+    """`python -m convert vicuna7b heads/` with lmsys/vicuna-7b-v1.3 in HF_HOME's cache."""
+    src, _ = llama_dir
+    home = tmp_path / "hfhome"
+    repo = home / "hub" / "models--lmsys--vicuna-7b-v1.3"
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (snap / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    heads = write_medusa1(tmp_path / "heads", head_state_dict())
+    out = tmp_path / "out"
+    env = _cli_env(HF_HOME=str(home))
+    env.pop("HF_HUB_CACHE", None)
+    p = subprocess.run([sys.executable, "-m", "convert", "vicuna7b", str(heads), "-o", str(out), "--quant", "Q8_0"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert (out / "vicuna-7b-v1.3-Q8_0.gguf").is_file() and (out / "vicuna-7b-v1.3-Q8_0.medusa.gguf").is_file()
+    assert "vicuna_7b_stage2" in p.stdout and "5 heads" in p.stdout
+    assert "medusa_num_heads=2" in p.stderr  # the wrong config is reported, the tensors win
+
+    # an existing GGUF as BASE: heads land next to it; with --quant it is requantized
+    gdir = tmp_path / "g"
+    gdir.mkdir()
+    g = gdir / "mine.gguf"
+    g.write_bytes((out / "vicuna-7b-v1.3-Q8_0.gguf").read_bytes())
+    assert run_cli(g, heads) == 0
+    assert (gdir / "mine.medusa.gguf").is_file()
+    assert run_cli(g, heads, "-o", gdir, "--quant", "Q4_0") == 0
+    assert (gdir / "mine-Q4_0.gguf").is_file() and (gdir / "mine-Q4_0.medusa.gguf").is_file()
+
+
+def test_help_and_check(tmp_path, llama_dir):
+    p = subprocess.run([sys.executable, "-m", "convert", "--help"], env=_cli_env(), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0
+    for s in ("BASE", "HEADS", "--quant", "--heads-type", "--tree", "--check", "examples:", "vicuna7b"):
+        assert s in p.stdout
+    # --check with random heads: agreement near zero is reported and fails the run
+    base, _ = llama_dir
+    out = tmp_path / "out"
+    heads = write_medusa1(tmp_path / "heads", head_state_dict())
+    p = subprocess.run([sys.executable, "-m", "convert", str(base), str(heads), "-o", str(out), "--quant", "F32", "--check", "--threads", "1"],
+                       env=_cli_env(), capture_output=True, text=True, timeout=120)
+    assert "heads' top-1 agreement" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 3 and "near 0" in p.stderr
