@@ -517,3 +517,39 @@ def test_help_and_check(tmp_path, llama_dir):
                        env=_cli_env(), capture_output=True, text=True, timeout=120)
     assert "heads' top-1 agreement" in p.stdout, p.stdout + p.stderr
     assert p.returncode == 3 and "near 0" in p.stderr
+
+
+def test_bpe_tokenizer_and_tied_embeddings(tmp_path):
+    """A byte-level BPE tokenizer.json (GPT-2 style pre-tokenizer) and tie_word_embeddings."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS.split("\n"), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    n = tok.get_vocab_size()
+    cfg = transformers.LlamaConfig(vocab_size=n, hidden_size=H, intermediate_size=N_FF, num_hidden_layers=N_LAYER,
+                                   num_attention_heads=N_HEAD, num_key_value_heads=N_KV, rms_norm_eps=1e-5,
+                                   bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg)
+    _init_weights(model, 5)
+    base = tmp_path / "bpe-model"
+    model.save_pretrained(base)
+    tok.save(str(base / "tokenizer.json"))
+    (base / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "eos_token": "<|endoftext|>"}))
+    out = tmp_path / "out"
+    assert run_cli(base, write_medusa1(tmp_path / "h", head_state_dict(v=n)), "-o", out, "--quant", "F32") == 0
+    g = out / "bpe-model-F32.gguf"
+    r = read_gguf(g)
+    assert field(r, "tokenizer.ggml.model") == "gpt2" and field(r, "tokenizer.ggml.pre") == "gpt-2"
+    assert not any(t.name == "output.weight" for t in r.tensors)
+    model.eval()
+    for text in PROMPTS:
+        toks = tok.encode(text).ids
+        assert llama_cpp_tokenize(g, text)[-len(toks):] == toks, text
+    toks = tok.encode(PROMPTS[2]).ids
+    with torch.no_grad():
+        ref = model(torch.tensor([toks])).logits[0].double().numpy()
+    assert np.abs(llama_cpp_logits(g, toks) - ref).max() < 1e-4
