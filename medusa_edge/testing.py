@@ -80,9 +80,13 @@ def write_llama_gguf(
     dtype: str = "f32",
     arch: str = "llama",
     chat_template: str | None = None,
+    residual_scale: float = 1.0,
 ) -> TinyLlama:
     """Write a random-weight Llama GGUF. ``vocab_size`` pads the vocabulary with filler tokens
-    (for benchmark-sized models); ``dtype`` is f32, f16 or q8_0 for the matrices."""
+    (for benchmark-sized models); ``dtype`` is f32, f16 or q8_0 for the matrices.
+    ``residual_scale`` scales what each block adds to the residual stream (attn_output and
+    ffn_down); a small value gives a nearly bigram model whose greedy text falls into short
+    loops, which Medusa heads can learn (heads training tests)."""
     import gguf
 
     tokens, scores, types = make_vocab(n_words, vocab_salt)
@@ -137,11 +141,11 @@ def write_llama_gguf(
         put(f"blk.{i}.attn_q.weight", mat(n_embd, n_embd))
         put(f"blk.{i}.attn_k.weight", mat(n_head_kv * head_dim, n_embd))
         put(f"blk.{i}.attn_v.weight", mat(n_head_kv * head_dim, n_embd))
-        put(f"blk.{i}.attn_output.weight", mat(n_embd, n_embd))
+        put(f"blk.{i}.attn_output.weight", mat(n_embd, n_embd, residual_scale))
         put(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
         put(f"blk.{i}.ffn_gate.weight", mat(n_ff, n_embd))
         put(f"blk.{i}.ffn_up.weight", mat(n_ff, n_embd))
-        put(f"blk.{i}.ffn_down.weight", mat(n_embd, n_ff))
+        put(f"blk.{i}.ffn_down.weight", mat(n_embd, n_ff, residual_scale))
     put("output_norm.weight", np.ones(n_embd, np.float32))
     put("output.weight", mat(n_vocab, n_embd, 4.0))
     w.write_header_to_file()

@@ -1,0 +1,821 @@
+"""Train Medusa-1 heads for any GGUF base model, on the user's own machine.
+
+    python -m medusa_edge.train_heads BASE.gguf --data PROMPTS.jsonl -o BASE.medusa.gguf
+
+Medusa-1 (Cai et al. 2024): the base stays frozen; only the heads learn. Self-distillation:
+the base itself, run through the engine (plain decoding, ``tree="chain:0"``), continues every
+prompt; its post-final-norm hidden states and its own next tokens are the training data, so
+nothing but the user's GGUF and a list of prompts is needed. Head i (0-based) at a position
+learns the token 2+i places ahead (the base's own logits give +1), with cross-entropy weighted
+``decay**i`` (the paper's lambda_k = 0.8^k). Each head is ``W_out_i (x + SiLU(W_i x + b_i))``
+(``--layers`` ResBlocks), W_i zero-initialised and W_out_i initialised from the base's output
+matrix read from the GGUF (``output.weight``, or ``token_embd.weight`` when tied).
+
+Stages, each cached or checkpointed so a rerun continues where it stopped:
+
+1. **Generate** (llama.cpp): each prompt is continued greedily (or sampled with ``--temp``) for
+   ``--gen-tokens`` tokens by the engine; then one llama.cpp forward of prompt + continuation,
+   with embeddings on and no pooling (llama-cpp-python, the same library the engine runs on),
+   gives the hidden state of every position. The first row is checked against the engine's
+   own hidden state after its prefill.
+2. **Train** (torch, cpu/cuda/mps) on the cached hidden states only: no base forward.
+3. **Write** the heads GGUF with ``medusa_edge.heads_gguf``, with a default tree grown from
+   the held-out per-rank accuracies (as the reference's ``gen_results.py``) to ``--tree-nodes``
+   nodes, then (``--measure``) decode a few held-out prompts with the new heads and report
+   the mean tokens per step.
+
+Data cache (``--cache DIR``, default ``<output without .gguf>.data/``), format version 1:
+
+  meta.json          {"format": "medusa-edge-heads-data", "version": 1,
+                      "identity": {base file (path, size, sha256 of its first and last MiB),
+                                   base vocab hash / n_embd / n_vocab, generation settings
+                                   (gen_tokens, temperature, seed, max_prompt_tokens, chat
+                                   template), sha256 of the prompt texts},
+                      "shards": [{"file", "n_sequences", "n_rows"}...], "next_prompt": int,
+                      "complete": bool, "max_hidden_check_diff": float}
+  shard-NNNNN.npz    hidden       float16 [n_rows, n_embd]  post-final-norm hidden states
+                     tokens       int32   [n_rows]          the base's continuation tokens
+                     lengths      int32   [n_sequences]     rows per sequence (in order)
+                     prompt_index int32   [n_sequences]     line of the prompt in the prompt list
+                     prompt_len   int32   [n_sequences]     prompt tokens (not stored)
+
+  Row j of a sequence is the hidden state of the position whose next token (the base's
+  choice) is tokens[j]: row 0 is the last prompt token, tokens[0] the first generated token.
+  Head i at row j is trained on tokens[j + 1 + i]. A cache whose identity differs from the
+  current run (another base, other settings or prompts) is refused.
+
+Checkpoint: ``<output>.ckpt.pt`` every ``--save-every`` steps (heads, optimizer, schedule,
+step, RNG); ``--resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import schema
+
+DATA_FORMAT = "medusa-edge-heads-data"
+DATA_VERSION = 1
+MAX_RANK = 10  # the engine proposes top-10 per head
+
+EPILOG = """\
+example:
+  python -m medusa_edge.train_heads models/tiny.gguf --data prompts.jsonl \\
+      --heads 4 --gen-tokens 128 --steps 2000 -o models/tiny.medusa.gguf
+  medusa-edge generate models/tiny.gguf --heads models/tiny.medusa.gguf -p "Hello"
+
+PROMPTS.jsonl: one JSON object per line with a "prompt" or "text" string, or "turns" (a list of
+user turns, as in MT-Bench: the first turn is used), or "messages" ([{"role", "content"}...]);
+a line may also be a bare JSON string. Use prompts from the domain the heads will serve: they
+learn what the base writes after them.
+"""
+
+
+# -- prompts -----------------------------------------------------------------------------------
+def load_prompts(path: str) -> list:
+    """Prompts from a JSONL file: each a str, or a list of chat messages."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if isinstance(obj, str):
+                out.append(obj)
+            elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+                out.append(obj["prompt"])
+            elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                out.append(obj["text"])
+            elif isinstance(obj, dict) and isinstance(obj.get("turns"), list) and obj["turns"]:
+                out.append(str(obj["turns"][0]))
+            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
+                out.append([{"role": str(m["role"]), "content": str(m["content"])} for m in obj["messages"]])
+            else:
+                raise ValueError(f'{path}:{n}: expected a "prompt", "text", "turns" or "messages" field')
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def base_file_id(path: str) -> dict:
+    """Identity of a GGUF file, cheap for multi-GB files: size and sha256 of its first and last MiB."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > (2 << 20):
+            f.seek(size - (1 << 20))
+        h.update(f.read(1 << 20))
+    return {"size": size, "sha256_head_tail": h.hexdigest()}
+
+
+# -- base model access ---------------------------------------------------------------------------
+class BaseModel:
+    """The frozen base: the engine (generation) and a llama-cpp-python context that returns the
+    post-norm hidden state of every position of a sequence in one forward."""
+
+    def __init__(self, path: str, n_ctx: int, n_threads: int, n_gpu_layers: int = 0, chat: str = "auto"):
+        import llama_cpp  # before the engine's native extension (one copy of llama.cpp)
+
+        from .engine import Engine
+
+        self.path = path
+        self.engine = Engine(path, tree="chain:0", n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+        self.model = self.engine.model
+        self.n_embd = int(self.model.n_embd)
+        self.n_vocab = int(self.model.n_vocab)
+        self.vocab_hash = f"{self.model.vocab_fingerprint():016x}"
+        self.n_ctx = n_ctx
+        self.n_batch = min(n_ctx, 512)
+        self._llama_cpp = llama_cpp
+        self._llm = None
+        self._n_threads = n_threads
+        self._n_gpu_layers = n_gpu_layers
+        self.template = self._chat_template(chat)
+
+    def _chat_template(self, chat: str) -> Optional[str]:
+        try:
+            tmpl = self.model.chat_template() or None
+        except Exception:
+            tmpl = None
+        if chat == "off":
+            return None
+        if chat == "on" and not tmpl:
+            raise ValueError(f"--chat on: {self.path} has no tokenizer.chat_template")
+        return tmpl or None
+
+    def prompt_tokens(self, prompt, max_tokens: int) -> list[int]:
+        """Token ids of a prompt (chat template applied if any), keeping its last ``max_tokens``."""
+        if self.template is not None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            bos = self._piece(self.model.bos)
+            eos = self._piece(self.model.eos)
+            text = Jinja2ChatFormatter(self.template, eos_token=eos, bos_token=bos)(messages=msgs).prompt
+            add_bos = not (bos and text.startswith(bos))
+            ids = list(self.model.tokenize(text, add_bos, True))
+        else:
+            if isinstance(prompt, list):
+                prompt = "\n".join(m["content"] for m in prompt)
+            ids = list(self.model.tokenize(prompt, True, False))
+        if len(ids) > max_tokens:
+            ids = ids[-max_tokens:]
+        return ids
+
+    def _piece(self, tok: int) -> str:
+        if tok is None or tok < 0:
+            return ""
+        return bytes(self.model.token_text(tok)).decode("utf-8", "replace")
+
+    def generate(self, prompt_ids: list[int], gen_tokens: int, temperature: float, seed: int):
+        """The base's continuation and the engine's hidden state at the last prompt position."""
+        from .engine import SamplingParams
+
+        params = SamplingParams(temperature=temperature, seed=seed & 0xFFFFFFFF)
+        out: list[int] = []
+        h0 = None
+        for toks in self.engine.generate(prompt_ids, params, gen_tokens):
+            if h0 is None:
+                h0 = np.array(self.engine.ctx.hidden(0), dtype=np.float32)
+            out.extend(int(t) for t in toks)
+        return out, h0
+
+    def hidden_states(self, tokens: Sequence[int], first: int) -> np.ndarray:
+        """[len(tokens) - first, n_embd] float32: the post-norm hidden state at positions
+        ``first..len(tokens)-1`` of ``tokens`` (decoded from position 0, every row an output)."""
+        lc = self._llama_cpp
+        if self._llm is None:
+            self._llm = lc.Llama(
+                self.path, embedding=True, pooling_type=lc.LLAMA_POOLING_TYPE_NONE, n_ctx=self.n_ctx,
+                n_batch=self.n_batch, n_ubatch=self.n_batch, n_threads=self._n_threads,
+                n_gpu_layers=self._n_gpu_layers, verbose=False,
+            )
+        llm = self._llm
+        mem = lc.llama_get_memory(llm._ctx.ctx)
+        lc.llama_memory_clear(mem, True)
+        rows = []
+        for s in range(0, len(tokens), self.n_batch):
+            chunk = list(tokens[s : s + self.n_batch])
+            llm._batch.reset()
+            llm._batch.set_batch(chunk, s, True)
+            llm._ctx.decode(llm._batch)
+            if s + len(chunk) > first:
+                ptr = lc.llama_get_embeddings(llm._ctx.ctx)
+                emb = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_embd))
+                rows.append(np.array(emb[max(first - s, 0) :], dtype=np.float32))
+        lc.llama_memory_clear(mem, True)
+        return np.concatenate(rows) if rows else np.zeros((0, self.n_embd), np.float32)
+
+
+def read_output_matrix(path: str) -> np.ndarray:
+    """The base's output matrix [n_vocab, n_embd] float32 from the GGUF (token_embd if tied)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r")
+    by_name = {t.name: t for t in reader.tensors}
+    t = by_name.get("output.weight") or by_name.get("token_embd.weight")
+    if t is None:
+        raise ValueError(f"{path}: neither output.weight nor token_embd.weight found")
+    T = gguf.GGMLQuantizationType
+    if t.tensor_type in (T.F32, T.F16, T.BF16) and t.tensor_type != T.BF16:
+        w = np.asarray(t.data, dtype=np.float32)
+    else:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    n_embd, n_vocab = int(t.shape[0]), int(t.shape[1])
+    return w.reshape(n_vocab, n_embd)
+
+
+# -- data cache ----------------------------------------------------------------------------------
+class DataCache:
+    """Shards of (hidden, tokens) per sequence under one directory; see the module docstring."""
+
+    def __init__(self, directory: str, identity: dict):
+        self.dir = directory
+        self.identity = identity
+        self.meta_path = os.path.join(directory, "meta.json")
+        if os.path.exists(self.meta_path):
+            with open(self.meta_path) as f:
+                self.meta = json.load(f)
+            if self.meta.get("format") != DATA_FORMAT or self.meta.get("version") != DATA_VERSION:
+                raise ValueError(f"{directory}: not a medusa-edge heads data cache (format version {DATA_VERSION})")
+            if self.meta.get("identity") != identity:
+                diff = sorted(k for k in set(identity) | set(self.meta.get("identity", {}))
+                              if identity.get(k) != self.meta.get("identity", {}).get(k))
+                raise ValueError(
+                    f"data cache {directory} was made for another base model or other settings "
+                    f"(differs in: {', '.join(diff)}); delete it or pass another --cache directory"
+                )
+        else:
+            os.makedirs(directory, exist_ok=True)
+            self.meta = {"format": DATA_FORMAT, "version": DATA_VERSION, "identity": identity, "shards": [], "complete": False}
+            self._save_meta()
+
+    def _save_meta(self):
+        tmp = self.meta_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.meta, f, indent=1)
+        os.replace(tmp, self.meta_path)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def n_done(self) -> int:
+        """Prompts already processed (those whose continuation was too short are skipped)."""
+        return int(self.meta.get("next_prompt", 0))
+
+    def add_shard(self, hidden: list, tokens: list, prompt_index: list, prompt_len: list, next_prompt: int):
+        name = f"shard-{len(self.meta['shards']):05d}.npz"
+        path = os.path.join(self.dir, name)
+        tmp = path + ".tmp.npz"
+        np.savez(
+            tmp, hidden=np.concatenate(hidden).astype(np.float16), tokens=np.concatenate(tokens).astype(np.int32),
+            lengths=np.array([len(t) for t in tokens], np.int32), prompt_index=np.array(prompt_index, np.int32),
+            prompt_len=np.array(prompt_len, np.int32),
+        )
+        os.replace(tmp, path)
+        self.meta["shards"].append({"file": name, "n_sequences": len(tokens), "n_rows": int(sum(len(t) for t in tokens))})
+        self.meta["next_prompt"] = int(next_prompt)
+        self._save_meta()
+
+    def finish(self, **extra):
+        self.meta["complete"] = True
+        self.meta.update(extra)
+        self._save_meta()
+
+    def load(self):
+        """hidden [N, H] float16, tokens [N] int32, lengths [S], prompt_index [S]."""
+        parts = [np.load(os.path.join(self.dir, s["file"])) for s in self.meta["shards"]]
+        if not parts:
+            raise ValueError(f"data cache {self.dir} holds no sequences")
+        cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
+        return cat("hidden"), cat("tokens"), cat("lengths"), cat("prompt_index")
+
+
+def generate_data(base: BaseModel, prompts: list, cache: DataCache, *, gen_tokens: int, temperature: float, seed: int,
+                  max_prompt_tokens: int, shard_size: int = 64, log=print, progress: bool = True) -> None:
+    """Continue every prompt with the base and cache the hidden states (resumes a partial cache)."""
+    from tqdm import tqdm
+
+    start = cache.n_done
+    if cache.complete or start >= len(prompts):
+        if not cache.complete:
+            cache.finish()
+        return
+    if start:
+        log(f"data: resuming at prompt {start} of {len(prompts)} ({cache.dir})")
+    buf_h, buf_t, buf_i, buf_p = [], [], [], []
+    max_diff = float(cache.meta.get("max_hidden_check_diff", 0.0))
+    n_tok = 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, len(prompts)), desc="generating", unit="prompt", dynamic_ncols=True, disable=not progress)
+    for idx in bar:
+        ids = base.prompt_tokens(prompts[idx], max_prompt_tokens)
+        out, h0 = base.generate(ids, gen_tokens, temperature, seed + idx)
+        if len(out) >= 2:
+            seq = ids + out[:-1]
+            hid = base.hidden_states(seq, len(ids) - 1)
+            scale = max(float(np.abs(h0).max()), 1e-6)
+            diff = float(np.abs(hid[0] - h0).max()) / scale
+            max_diff = max(max_diff, diff)
+            if diff > 5e-2:
+                raise RuntimeError(
+                    f"hidden states from llama-cpp-python differ from the engine's (relative {diff:.3g}) "
+                    f"on prompt {idx}: the two do not run the same llama.cpp"
+                )
+            buf_h.append(hid)
+            buf_t.append(np.array(out, np.int32))
+            buf_i.append(idx)
+            buf_p.append(len(ids))
+            n_tok += len(out)
+        bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.0f}")
+        if len(buf_t) >= shard_size or (idx == len(prompts) - 1 and buf_t):
+            cache.meta["max_hidden_check_diff"] = max_diff
+            cache.add_shard(buf_h, buf_t, buf_i, buf_p, idx + 1)
+            buf_h, buf_t, buf_i, buf_p = [], [], [], []
+    bar.close()
+    cache.finish(max_hidden_check_diff=max_diff, next_prompt=len(prompts))
+
+
+# -- heads in torch --------------------------------------------------------------------------------
+def _torch():
+    import torch
+
+    return torch
+
+
+def build_heads(n_heads: int, n_layers: int, w_out: np.ndarray, shared_output: bool = False, seed: int = 0):
+    """Medusa heads as in the reference: ResBlocks (weight zeroed, bias default init) then W_out
+    (per head, from the base's output matrix; frozen and shared when ``shared_output``)."""
+    torch = _torch()
+    nn = torch.nn
+
+    class ResBlock(nn.Module):
+        def __init__(self, h):
+            super().__init__()
+            self.linear = nn.Linear(h, h)
+            nn.init.zeros_(self.linear.weight)
+            self.act = nn.SiLU()
+
+        def forward(self, x):
+            return x + self.act(self.linear(x))
+
+    class MedusaHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            V, H = w_out.shape
+            self.shared_output = shared_output
+            self.res = nn.ModuleList([nn.Sequential(*[ResBlock(H) for _ in range(n_layers)]) for _ in range(n_heads)])
+            w = torch.tensor(np.asarray(w_out, dtype=np.float32))
+            if shared_output:
+                self.register_buffer("w_shared", w.clone())
+                self.out = None
+            else:
+                self.out = nn.ModuleList([nn.Linear(H, V, bias=False) for _ in range(n_heads)])
+                with torch.no_grad():
+                    for o in self.out:
+                        o.weight.copy_(w)
+
+        def forward(self, h):
+            """[B, H] -> [n_heads, B, V] logits."""
+            outs = []
+            for i, r in enumerate(self.res):
+                x = r(h)
+                outs.append(x @ self.w_shared.t() if self.out is None else self.out[i](x))
+            return torch.stack(outs)
+
+    torch.manual_seed(seed)
+    return MedusaHeads()
+
+
+def make_targets(tokens: np.ndarray, lengths: np.ndarray, n_heads: int) -> np.ndarray:
+    """[N, n_heads] int64: head i at row j of a sequence -> tokens[j + 1 + i], -100 past its end."""
+    N = len(tokens)
+    tgt = np.full((N, n_heads), -100, np.int64)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    for s, e in zip(starts, ends):
+        n = e - s
+        for i in range(n_heads):
+            k = n - 1 - i  # rows with a target
+            if k > 0:
+                tgt[s : s + k, i] = tokens[s + 1 + i : e]
+    return tgt
+
+
+def heads_loss(logits, targets, weights):
+    """sum_i weights[i] * CE(head i); also the per-head losses (list of floats)."""
+    torch = _torch()
+    F = torch.nn.functional
+    total = 0.0
+    per = []
+    for i in range(logits.shape[0]):
+        t = targets[:, i]
+        if bool((t >= 0).any()):
+            li = F.cross_entropy(logits[i].float(), t, ignore_index=-100)
+        else:
+            li = logits[i].sum() * 0.0
+        total = total + weights[i] * li
+        per.append(float(li.detach()))
+    return total, per
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    per_head_loss: list
+    top1: list
+    top5: list
+    rank_acc: np.ndarray  # [n_heads, MAX_RANK]: P(target is exactly rank r)
+    n_rows: list
+
+
+def evaluate(model, hidden: np.ndarray, targets: np.ndarray, weights, device, batch: int = 1024) -> EvalResult:
+    torch = _torch()
+    K = targets.shape[1]
+    hits = np.zeros((K, MAX_RANK), np.int64)
+    n = np.zeros(K, np.int64)
+    loss_sum = np.zeros(K)
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(hidden), batch):
+            h = torch.from_numpy(hidden[s : s + batch].astype(np.float32)).to(device)
+            t = torch.from_numpy(targets[s : s + batch]).to(device)
+            logits = model(h).float()
+            k = min(MAX_RANK, logits.shape[-1])
+            top = logits.topk(k, dim=-1).indices  # [K, B, k]
+            for i in range(K):
+                m = t[:, i] >= 0
+                c = int(m.sum())
+                if not c:
+                    continue
+                n[i] += c
+                loss_sum[i] += float(torch.nn.functional.cross_entropy(logits[i][m], t[m, i], reduction="sum"))
+                eq = (top[i][m] == t[m, i][:, None]).sum(0).cpu().numpy()
+                hits[i, :k] += eq
+    model.train()
+    nn_ = np.maximum(n, 1)
+    rank_acc = hits / nn_[:, None]
+    per = (loss_sum / nn_).tolist()
+    return EvalResult(
+        loss=float(sum(w * l for w, l in zip(weights, per))), per_head_loss=per,
+        top1=rank_acc[:, 0].tolist(), top5=rank_acc[:, :5].sum(1).tolist(), rank_acc=rank_acc, n_rows=n.tolist(),
+    )
+
+
+# -- tree from accuracies --------------------------------------------------------------------------
+def grow_tree(rank_acc: np.ndarray, n_nodes: int, max_children: int = MAX_RANK) -> list[tuple]:
+    """The reference's greedy tree growth (``medusa/eval/gen_results.py``): start from the root,
+    repeatedly add the candidate node (next sibling or first child of a node in the tree) with
+    the largest expected acceptance, prod of ``rank_acc[depth, rank]`` along its path, until the
+    tree holds ``n_nodes`` nodes (root included). Returns the paths (root excluded)."""
+    K = rank_acc.shape[0]
+    if n_nodes <= 1 or K == 0:
+        return []
+
+    def value(p):
+        return float(np.prod([rank_acc[d, r] for d, r in enumerate(p)]))
+
+    paths: list[tuple] = []
+    cands = {(0,)}
+    while len(paths) < n_nodes - 1 and cands:
+        best = max(sorted(cands), key=value)
+        cands.discard(best)
+        paths.append(best)
+        if best[-1] + 1 < min(max_children, rank_acc.shape[1]):
+            cands.add(best[:-1] + (best[-1] + 1,))
+        if len(best) < K:
+            cands.add(best + (0,))
+    return sorted(paths, key=lambda p: (len(p), p))
+
+
+def expected_tokens_per_step(rank_acc: np.ndarray, paths: Sequence[Sequence[int]]) -> float:
+    """1 + sum over nodes of the product of per-rank accuracies along the path (the same
+    independence approximation the reference uses to grow its trees)."""
+    return 1.0 + sum(float(np.prod([rank_acc[d, r] for d, r in enumerate(p)])) for p in paths)
+
+
+# -- the command ------------------------------------------------------------------------------------
+def _device(name: str) -> str:
+    torch = _torch()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: torch sees no MPS device")
+    return name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m medusa_edge.train_heads",
+        description="Train Medusa-1 heads for a GGUF base model (frozen base, self-distillation through "
+        "llama.cpp, heads in torch) and write them as a heads GGUF the engine loads.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("base", help="the base model GGUF")
+    p.add_argument("--data", required=True, help="prompts, JSONL (see below)")
+    p.add_argument("-o", "--output", help="heads GGUF to write (default: BASE with .medusa.gguf)")
+    g = p.add_argument_group("heads")
+    g.add_argument("--heads", type=int, default=4, help="number of heads; head i predicts the token 2+i ahead (default 4)")
+    g.add_argument("--layers", type=int, default=1, help="ResBlocks per head (default 1)")
+    g.add_argument("--shared-output", action="store_true",
+                   help="train only the ResBlocks and reuse the base's output matrix (smaller file, less memory)")
+    g.add_argument("--head-type", choices=("f32", "f16", "q8_0"), default="f16", help="tensor type in the GGUF (default f16)")
+    g = p.add_argument_group("data (self-distillation)")
+    g.add_argument("--gen-tokens", type=int, default=128, help="tokens the base generates per prompt (default 128)")
+    g.add_argument("--temp", type=float, default=0.0, help="generation temperature; 0 = greedy (default)")
+    g.add_argument("--max-prompt-tokens", type=int, default=512, help="keep the last N tokens of long prompts (default 512)")
+    g.add_argument("--max-prompts", type=int, help="use only the first N prompts")
+    g.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="wrap prompts in the GGUF's chat template: auto = when it has one (default)")
+    g.add_argument("--cache", help="data cache directory (default: OUTPUT without .gguf, plus .data)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all)")
+    g.add_argument("--gpu-layers", type=int, default=0, help="layers of the base to offload during generation")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the training rows)")
+    g.add_argument("--epochs", type=float, default=2.0, help="passes over the data when --steps is not given (default 2)")
+    g.add_argument("--batch", type=int, default=256, help="positions (hidden states) per step (default 256)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default 1e-3, as the reference)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps, then cosine (default 0.05)")
+    g.add_argument("--decay", type=float, default=0.8, help="head i's loss weight is decay**i (paper: 0.8)")
+    g.add_argument("--val-frac", type=float, default=0.1, help="fraction of prompts held out (default 0.1)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="torch device (default auto)")
+    g.add_argument("--eval-every", type=int, default=500, help="held-out evaluation every N steps (default 500)")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default 500)")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt.pt")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--tree", default="auto",
+                   help="default tree stored in the heads file: 'auto' grows one from the held-out accuracies to "
+                   "--tree-nodes nodes; or a preset, chain:N or a JSON file of paths")
+    g.add_argument("--tree-nodes", type=int, default=8,
+                   help="node budget of the auto tree, root included (default 8; small trees suit CPUs)")
+    g.add_argument("--measure", type=int, default=8,
+                   help="after writing, decode N held-out prompts with the heads and report tokens per step (0: skip)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.heads < 1 or args.layers < 1:
+        p.error("--heads and --layers must be >= 1")
+    if args.output is None:
+        args.output = schema.sidecar_path(args.base)
+    return args
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    pr = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(pr, 1.0)))
+
+
+def train(args: argparse.Namespace, log=print) -> dict:
+    """Run the three stages; returns the summary dict."""
+    torch = _torch()
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    out_stem = args.output[:-5] if args.output.endswith(".gguf") else args.output
+    cache_dir = args.cache or out_stem + ".data"
+    ckpt_path = out_stem + ".ckpt.pt"
+    prompts = load_prompts(args.data)
+    if args.max_prompts:
+        prompts = prompts[: args.max_prompts]
+    n_threads = args.threads or os.cpu_count() or 1
+    n_ctx = args.max_prompt_tokens + args.gen_tokens + 8
+
+    # 1. data
+    base = BaseModel(args.base, n_ctx, n_threads, args.gpu_layers, args.chat)
+    identity = {
+        "base": {"path": os.path.abspath(args.base), **base_file_id(args.base)},
+        "base_vocab_hash": base.vocab_hash, "n_embd": base.n_embd, "n_vocab": base.n_vocab,
+        "gen_tokens": args.gen_tokens, "temperature": args.temp, "seed": args.seed,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "chat_template_sha256": hashlib.sha256(base.template.encode()).hexdigest() if base.template else None,
+        "prompts_sha256": _sha256_json(prompts), "n_prompts": len(prompts),
+    }
+    cache = DataCache(cache_dir, identity)
+    t0 = time.perf_counter()
+    generate_data(base, prompts, cache, gen_tokens=args.gen_tokens, temperature=args.temp, seed=args.seed,
+                  max_prompt_tokens=args.max_prompt_tokens, log=log, progress=not args.quiet)
+    t_data = time.perf_counter() - t0
+    hidden, tokens, lengths, prompt_index = cache.load()
+    log(f"data: {len(lengths)} sequences, {len(tokens)} positions, cache {cache_dir}"
+        f" (hidden check vs engine: max rel. diff {cache.meta.get('max_hidden_check_diff', 0):.2g})")
+
+    # split by prompt
+    K = args.heads
+    targets = make_targets(tokens, lengths, K)
+    rng = np.random.default_rng(args.seed)
+    S = len(lengths)
+    n_val = int(round(args.val_frac * S)) if S >= 2 else 0
+    n_val = min(max(n_val, 1 if S >= 2 and args.val_frac > 0 else 0), S - 1) if S >= 2 else 0
+    val_seq = np.sort(rng.permutation(S)[:n_val])
+    seq_of_row = np.repeat(np.arange(S), lengths)
+    val_mask = np.isin(seq_of_row, val_seq)
+    train_rows = np.nonzero(~val_mask & (targets[:, 0] >= 0))[0]
+    val_rows = np.nonzero(val_mask & (targets[:, 0] >= 0))[0]
+    if len(train_rows) == 0:
+        raise ValueError("no training positions: use more prompts or a larger --gen-tokens")
+    if len(val_rows) == 0:
+        log("warning: no held-out positions (too few prompts): accuracies are on the training data")
+        val_rows = train_rows
+    val_prompts = sorted(set(int(prompt_index[s]) for s in val_seq))
+
+    # 2. train
+    device = _device(args.device)
+    if device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    w_out = read_output_matrix(args.base)
+    if w_out.shape != (base.n_vocab, base.n_embd):
+        raise ValueError(f"{args.base}: output matrix is {w_out.shape}, expected {(base.n_vocab, base.n_embd)}")
+    model = build_heads(K, args.layers, w_out, args.shared_output, args.seed).to(device)
+    del w_out
+    weights = [args.decay ** i for i in range(K)]
+    steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * len(train_rows) / args.batch))
+    warmup = int(args.warmup * steps)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, warmup))
+    config = {"heads": K, "layers": args.layers, "shared_output": args.shared_output, "steps": steps,
+              "batch": args.batch, "lr": args.lr, "decay": args.decay, "seed": args.seed, "data": identity}
+    step = 0
+    perm_rng = np.random.default_rng(args.seed + 1)
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["config"] != config:
+            raise ValueError(f"checkpoint {ckpt_path} was made with other settings; remove it or rerun without --resume")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        step = ck["step"]
+        perm_rng.bit_generator.state = ck["rng"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    elif args.resume:
+        log(f"--resume: no checkpoint {ckpt_path}, starting fresh")
+
+    def save_ckpt():
+        tmp = ckpt_path + ".tmp"
+        torch.save({"config": config, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "step": step, "rng": perm_rng.bit_generator.state}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    hv, tv = hidden[val_rows], targets[val_rows]
+    first = evaluate(model, hv, tv, weights, device)
+    log(f"held-out before training: loss {first.loss:.4f}, top-1 " + " ".join(f"{a:.3f}" for a in first.top1))
+    t1 = time.perf_counter()
+    order = perm_rng.permutation(train_rows)
+    pos = (step * args.batch) % len(order)
+    losses = []
+    bar = tqdm(total=steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=args.quiet)
+    model.train()
+    last_eval = first
+    while step < steps:
+        if pos + args.batch > len(order):
+            order = perm_rng.permutation(train_rows)
+            pos = 0
+        rows = np.sort(order[pos : pos + args.batch])
+        pos += args.batch
+        h = torch.from_numpy(hidden[rows].astype(np.float32)).to(device)
+        t = torch.from_numpy(targets[rows]).to(device)
+        loss, per = heads_loss(model(h), t, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if step % args.eval_every == 0 and step < steps:
+            last_eval = evaluate(model, hv, tv, weights, device)
+            bar.write(f"step {step}: held-out loss {last_eval.loss:.4f}, top-1 " + " ".join(f"{a:.3f}" for a in last_eval.top1))
+        if step % args.save_every == 0:
+            save_ckpt()
+    bar.close()
+    save_ckpt()
+    t_train = time.perf_counter() - t1
+    final = evaluate(model, hv, tv, weights, device)
+
+    # 3. tree + write
+    if args.tree == "auto":
+        paths = grow_tree(final.rank_acc, args.tree_nodes)
+    else:
+        from .tree import Tree
+
+        paths = [list(p) for p in Tree.resolve(args.tree).paths]
+        if paths and max(len(p) for p in paths) > K:
+            raise ValueError(f"--tree {args.tree} is deeper than --heads {K}")
+    write_model(model, args.output, base, args.layers, args.shared_output, paths, args.head_type)
+    exp_tps = expected_tokens_per_step(final.rank_acc, paths)
+
+    measured = None
+    if args.measure > 0:
+        measured = measure_tokens_per_step(base, args.output, [prompts[i] for i in val_prompts[: args.measure]]
+                                           or prompts[: args.measure], args, n_threads)
+    summary = {
+        "output": args.output, "checkpoint": ckpt_path, "cache": cache_dir,
+        "sequences": int(S), "positions": int(len(tokens)), "train_positions": int(len(train_rows)),
+        "heldout_positions": int(len(val_rows)), "steps": step, "device": device,
+        "time_data_s": round(t_data, 2), "time_train_s": round(t_train, 2),
+        "time_total_s": round(time.perf_counter() - t_start, 2),
+        "loss_first": round(losses[0], 4) if losses else None, "loss_last": round(float(np.mean(losses[-10:])), 4) if losses else None,
+        "heldout_loss_before": round(first.loss, 4), "heldout_loss_after": round(final.loss, 4),
+        "heldout_top1": [round(a, 4) for a in final.top1], "heldout_top5": [round(a, 4) for a in final.top5],
+        "tree": [list(p) for p in paths], "expected_tokens_per_step": round(exp_tps, 3),
+        "measured_tokens_per_step": measured,
+    }
+    log(format_summary(summary))
+    return summary
+
+
+def write_model(model, path: str, base: BaseModel, n_layers: int, shared_output: bool, paths, head_type: str) -> None:
+    from .heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
+
+    res = [[(blk.linear.weight.detach().float().cpu().numpy(), blk.linear.bias.detach().float().cpu().numpy()) for blk in r]
+           for r in model.res]
+    out = None if shared_output else [o.weight.detach().float().cpu().numpy() for o in model.out]
+    meta = HeadsMeta(len(res), n_layers, base.n_embd, base.n_vocab, shared_output, [list(p) for p in paths] or None, base.vocab_hash)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_heads_gguf(path, meta, heads_tensors(res, out), head_type)
+
+
+def measure_tokens_per_step(base: BaseModel, heads_path: str, prompts: list, args, n_threads: int) -> dict:
+    """Greedy decoding of ``prompts`` with the new heads and their default tree: mean tokens per step."""
+    from .engine import Engine, SamplingParams, Stats
+
+    eng = Engine(args.base, heads_path, n_ctx=base.n_ctx, n_threads=n_threads, n_gpu_layers=args.gpu_layers)
+    tok = steps = 0
+    for p in prompts:
+        st = Stats()
+        for _ in eng.generate(base.prompt_tokens(p, args.max_prompt_tokens), SamplingParams(temperature=0.0),
+                              args.gen_tokens, stats=st):
+            pass
+        tok += sum((k + 1) * c for k, c in st.accepted_hist.items())
+        steps += st.steps
+    return {"prompts": len(prompts), "tree_nodes": eng.tree.n_nodes, "tokens_per_step": round(tok / steps, 3) if steps else 0.0}
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        "",
+        "== Medusa-1 heads training: summary ==",
+        f"heads file       {s['output']}",
+        f"data             {s['sequences']} sequences, {s['positions']} positions "
+        f"({s['train_positions']} train / {s['heldout_positions']} held-out), cache {s['cache']}",
+        f"steps            {s['steps']} on {s['device']} (data {s['time_data_s']:.1f} s, training {s['time_train_s']:.1f} s, "
+        f"total {s['time_total_s']:.1f} s)",
+        f"train loss       {s['loss_first']} -> {s['loss_last']}",
+        f"held-out loss    {s['heldout_loss_before']} -> {s['heldout_loss_after']}",
+        "held-out top-1   " + "  ".join(f"h{i}:{a:.3f}" for i, a in enumerate(s["heldout_top1"])),
+        "held-out top-5   " + "  ".join(f"h{i}:{a:.3f}" for i, a in enumerate(s["heldout_top5"])),
+        f"default tree     {len(s['tree']) + 1} nodes {s['tree']}",
+        f"expected tokens/step (from accuracies) {s['expected_tokens_per_step']}",
+    ]
+    if s.get("measured_tokens_per_step"):
+        m = s["measured_tokens_per_step"]
+        lines.append(f"measured tokens/step {m['tokens_per_step']} (greedy, {m['prompts']} held-out prompts, default tree)")
+    lines.append(f"checkpoint       {s['checkpoint']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun with --resume to continue (the data cache is kept)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
