@@ -138,6 +138,24 @@ class Medusa:
             return toks or [m.bos]
         return [int(t) for t in prompt]
 
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the GGUF's tokenizer.chat_template (jinja2), or the Vicuna
+        format when the model has none."""
+        m = self.engine.model
+        tmpl = m.chat_template()
+        if not tmpl:
+            sys_msg = "".join(x["content"] + "\n\n" for x in messages if x["role"] == "system")
+            turns = "".join(
+                ("USER: " if x["role"] == "user" else "ASSISTANT: ") + x["content"] + ("\n" if x["role"] == "user" else "</s>\n")
+                for x in messages if x["role"] != "system")
+            return sys_msg + turns + ("ASSISTANT:" if add_generation_prompt else "")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        piece = lambda t: m.token_to_piece(t, True).decode("utf-8", "replace") if t >= 0 else ""
+        return env.from_string(tmpl).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                            bos_token=piece(m.bos), eos_token=piece(m.eos))
+
     # -- completion ------------------------------------------------------------------------------
     def create_completion(
         self,

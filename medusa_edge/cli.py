@@ -10,7 +10,7 @@ import argparse
 import sys
 
 EPILOG = """examples:
-  medusa-edge generate -p "Once upon a time"                     # bundled demo model
+  medusa-edge generate --chat -p "Tell me a story about a cat."  # bundled demo model, chat format
   medusa-edge generate model.gguf -p "Hello" -n 128              # heads: model.medusa.gguf if present
   medusa-edge generate model.gguf --heads h.medusa.gguf --tree chain:3 --temp 0.7 --seed 1
   medusa-edge generate model.gguf -p "Hi" --no-medusa            # plain decoding, for comparison
@@ -26,6 +26,7 @@ def _add_generate(sub):
     )
     g.add_argument("model", nargs="?", help="base model GGUF (default: the bundled demo model)")
     g.add_argument("-p", "--prompt", required=True, help="text to complete")
+    g.add_argument("--chat", action="store_true", help="treat PROMPT as a user message and format it with the model's chat template")
     g.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
     g.add_argument("--tree", help="tree: a preset (see 'medusa-edge trees'), chain:N, or a JSON file of paths "
                    "(default: the tree stored in the heads file)")
@@ -53,12 +54,13 @@ def _generate(args) -> int:
             args.model, args.heads, tree="chain:0" if args.no_medusa else args.tree, n_ctx=args.ctx_size,
             n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
         )
+        prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
         chunks = llm.create_completion(
-            args.prompt, max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+            prompt, max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
             min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop, stream=True,
             acceptance="typical" if args.typical else "exact",
         )
-        sys.stdout.write(args.prompt)
+        sys.stdout.write(args.prompt + ("\n" if args.chat else ""))
         sys.stdout.flush()
         last = None
         for c in chunks:
