@@ -27,14 +27,15 @@ Stages, each cached or checkpointed so a rerun continues where it stopped:
 Data cache (``--cache DIR``, default ``<output without .gguf>.data/``), format version 1:
 
   meta.json          {"format": "medusa-edge-heads-data", "version": 1,
-                      "identity": {base file (path, size, sha256 of its first and last MiB),
+                      "identity": {base file (size, sha256 of its first and last MiB),
                                    base vocab hash / n_embd / n_vocab, generation settings
                                    (gen_tokens, temperature, seed, max_prompt_tokens, chat
                                    template), sha256 of the prompt texts},
                       "shards": [{"file", "n_sequences", "n_rows"}...], "next_prompt": int,
-                      "complete": bool, "max_hidden_check_diff": float}
-  shard-NNNNN.npz    hidden       float16 [n_rows, n_embd]  post-final-norm hidden states
-                     tokens       int32   [n_rows]          the base's continuation tokens
+                      "complete": bool, "max_hidden_check_diff": float, "base_path": str}
+  shard-NNNNN.npy    float16 [n_rows, n_embd]  post-final-norm hidden states (memory-mapped
+                     when training, so the cache may be larger than RAM)
+  shard-NNNNN.npz    tokens       int32   [n_rows]          the base's continuation tokens
                      lengths      int32   [n_sequences]     rows per sequence (in order)
                      prompt_index int32   [n_sequences]     line of the prompt in the prompt list
                      prompt_len   int32   [n_sequences]     prompt tokens (not stored)
@@ -285,15 +286,16 @@ class DataCache:
         return int(self.meta.get("next_prompt", 0))
 
     def add_shard(self, hidden: list, tokens: list, prompt_index: list, prompt_len: list, next_prompt: int):
-        name = f"shard-{len(self.meta['shards']):05d}.npz"
+        name = f"shard-{len(self.meta['shards']):05d}"
         path = os.path.join(self.dir, name)
-        tmp = path + ".tmp.npz"
+        np.save(path + ".tmp.npy", np.concatenate(hidden).astype(np.float16))
         np.savez(
-            tmp, hidden=np.concatenate(hidden).astype(np.float16), tokens=np.concatenate(tokens).astype(np.int32),
+            path + ".tmp.npz", tokens=np.concatenate(tokens).astype(np.int32),
             lengths=np.array([len(t) for t in tokens], np.int32), prompt_index=np.array(prompt_index, np.int32),
             prompt_len=np.array(prompt_len, np.int32),
         )
-        os.replace(tmp, path)
+        os.replace(path + ".tmp.npy", path + ".npy")
+        os.replace(path + ".tmp.npz", path + ".npz")
         self.meta["shards"].append({"file": name, "n_sequences": len(tokens), "n_rows": int(sum(len(t) for t in tokens))})
         self.meta["next_prompt"] = int(next_prompt)
         self._save_meta()
@@ -304,12 +306,36 @@ class DataCache:
         self._save_meta()
 
     def load(self):
-        """hidden [N, H] float16, tokens [N] int32, lengths [S], prompt_index [S]."""
-        parts = [np.load(os.path.join(self.dir, s["file"])) for s in self.meta["shards"]]
-        if not parts:
+        """hidden (a RowStore over the memory-mapped shards), tokens [N] int32, lengths [S], prompt_index [S]."""
+        if not self.meta["shards"]:
             raise ValueError(f"data cache {self.dir} holds no sequences")
+        base = [os.path.join(self.dir, s["file"]) for s in self.meta["shards"]]
+        parts = [np.load(b + ".npz") for b in base]
         cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
-        return cat("hidden"), cat("tokens"), cat("lengths"), cat("prompt_index")
+        hidden = RowStore([np.load(b + ".npy", mmap_mode="r") for b in base])
+        return hidden, cat("tokens"), cat("lengths"), cat("prompt_index")
+
+
+class RowStore:
+    """Rows of several [n_i, H] arrays (memory-mapped shards) seen as one [N, H] array."""
+
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+        self.shape = (int(self.starts[-1]), int(arrays[0].shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), H] (rows in any order)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(shard):
+            m = shard == k
+            out[m] = self.arrays[k][rows[m] - self.starts[k]]
+        return out
 
 
 def generate_data(base: BaseModel, prompts: list, cache: DataCache, *, gen_tokens: int, temperature: float, seed: int,
@@ -450,7 +476,8 @@ class EvalResult:
     n_rows: list
 
 
-def evaluate(model, hidden: np.ndarray, targets: np.ndarray, weights, device, batch: int = 1024) -> EvalResult:
+def evaluate(model, hidden: "RowStore", rows: np.ndarray, targets: np.ndarray, weights, device, batch: int = 1024) -> EvalResult:
+    """Held-out loss and per-rank accuracies of the heads on ``rows`` (targets[rows] per head)."""
     torch = _torch()
     K = targets.shape[1]
     hits = np.zeros((K, MAX_RANK), np.int64)
@@ -458,9 +485,9 @@ def evaluate(model, hidden: np.ndarray, targets: np.ndarray, weights, device, ba
     loss_sum = np.zeros(K)
     model.eval()
     with torch.no_grad():
-        for s in range(0, len(hidden), batch):
-            h = torch.from_numpy(hidden[s : s + batch].astype(np.float32)).to(device)
-            t = torch.from_numpy(targets[s : s + batch]).to(device)
+        for s in range(0, len(rows), batch):
+            h = torch.from_numpy(hidden.take(rows[s : s + batch])).to(device)
+            t = torch.from_numpy(targets[rows[s : s + batch]]).to(device)
             logits = model(h).float()
             k = min(MAX_RANK, logits.shape[-1])
             top = logits.topk(k, dim=-1).indices  # [K, B, k]
@@ -542,7 +569,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="prompts, JSONL (see below)")
     p.add_argument("-o", "--output", help="heads GGUF to write (default: BASE with .medusa.gguf)")
     g = p.add_argument_group("heads")
-    g.add_argument("--heads", type=int, default=4, help="number of heads; head i predicts the token 2+i ahead (default 4)")
+    g.add_argument("--heads", type=int, default=4, help="number of heads; head i predicts the token 2+i ahead (default 4: trees deeper than 4 rarely pay)")
     g.add_argument("--layers", type=int, default=1, help="ResBlocks per head (default 1)")
     g.add_argument("--shared-output", action="store_true",
                    help="train only the ResBlocks and reuse the base's output matrix (smaller file, less memory)")
@@ -567,6 +594,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--decay", type=float, default=0.8, help="head i's loss weight is decay**i (paper: 0.8)")
     g.add_argument("--val-frac", type=float, default=0.1, help="fraction of prompts held out (default 0.1)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="torch device (default auto)")
+    g.add_argument("--max-eval-rows", type=int, default=20000, help="held-out positions evaluated at most (default 20000)")
     g.add_argument("--eval-every", type=int, default=500, help="held-out evaluation every N steps (default 500)")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default 500)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt.pt")
@@ -613,7 +641,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
     # 1. data
     base = BaseModel(args.base, n_ctx, n_threads, args.gpu_layers, args.chat)
     identity = {
-        "base": {"path": os.path.abspath(args.base), **base_file_id(args.base)},
+        "base": base_file_id(args.base),
         "base_vocab_hash": base.vocab_hash, "n_embd": base.n_embd, "n_vocab": base.n_vocab,
         "gen_tokens": args.gen_tokens, "temperature": args.temp, "seed": args.seed,
         "max_prompt_tokens": args.max_prompt_tokens,
@@ -621,6 +649,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "prompts_sha256": _sha256_json(prompts), "n_prompts": len(prompts),
     }
     cache = DataCache(cache_dir, identity)
+    cache.meta.setdefault("base_path", os.path.abspath(args.base))
     t0 = time.perf_counter()
     generate_data(base, prompts, cache, gen_tokens=args.gen_tokens, temperature=args.temp, seed=args.seed,
                   max_prompt_tokens=args.max_prompt_tokens, log=log, progress=not args.quiet)
@@ -666,6 +695,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
               "batch": args.batch, "lr": args.lr, "decay": args.decay, "seed": args.seed, "data": identity}
     step = 0
     perm_rng = np.random.default_rng(args.seed + 1)
+    resume_order = None
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ck["config"] != config:
@@ -675,6 +705,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
         sched.load_state_dict(ck["sched"])
         step = ck["step"]
         perm_rng.bit_generator.state = ck["rng"]
+        resume_order = (ck["order"], ck["pos"])
         log(f"resumed from {ckpt_path} at step {step}")
     elif args.resume:
         log(f"--resume: no checkpoint {ckpt_path}, starting fresh")
@@ -682,15 +713,18 @@ def train(args: argparse.Namespace, log=print) -> dict:
     def save_ckpt():
         tmp = ckpt_path + ".tmp"
         torch.save({"config": config, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "step": step, "rng": perm_rng.bit_generator.state}, tmp)
+                    "step": step, "rng": perm_rng.bit_generator.state, "order": order, "pos": pos}, tmp)
         os.replace(tmp, ckpt_path)
 
-    hv, tv = hidden[val_rows], targets[val_rows]
-    first = evaluate(model, hv, tv, weights, device)
+    if len(val_rows) > args.max_eval_rows:
+        val_rows = np.sort(np.random.default_rng(args.seed + 2).choice(val_rows, args.max_eval_rows, replace=False))
+    first = evaluate(model, hidden, val_rows, targets, weights, device)
     log(f"held-out before training: loss {first.loss:.4f}, top-1 " + " ".join(f"{a:.3f}" for a in first.top1))
     t1 = time.perf_counter()
-    order = perm_rng.permutation(train_rows)
-    pos = (step * args.batch) % len(order)
+    if resume_order is not None:
+        order, pos = resume_order
+    else:
+        order, pos = perm_rng.permutation(train_rows), 0
     losses = []
     bar = tqdm(total=steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=args.quiet)
     model.train()
@@ -701,7 +735,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
             pos = 0
         rows = np.sort(order[pos : pos + args.batch])
         pos += args.batch
-        h = torch.from_numpy(hidden[rows].astype(np.float32)).to(device)
+        h = torch.from_numpy(hidden.take(rows)).to(device)
         t = torch.from_numpy(targets[rows]).to(device)
         loss, per = heads_loss(model(h), t, weights)
         opt.zero_grad(set_to_none=True)
@@ -713,14 +747,14 @@ def train(args: argparse.Namespace, log=print) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if step % args.eval_every == 0 and step < steps:
-            last_eval = evaluate(model, hv, tv, weights, device)
+            last_eval = evaluate(model, hidden, val_rows, targets, weights, device)
             bar.write(f"step {step}: held-out loss {last_eval.loss:.4f}, top-1 " + " ".join(f"{a:.3f}" for a in last_eval.top1))
         if step % args.save_every == 0:
             save_ckpt()
     bar.close()
     save_ckpt()
     t_train = time.perf_counter() - t1
-    final = evaluate(model, hv, tv, weights, device)
+    final = evaluate(model, hidden, val_rows, targets, weights, device)
 
     # 3. tree + write
     if args.tree == "auto":

@@ -36,7 +36,7 @@ def _write_jsonl(path, prompts, key="prompt"):
 def _args(base, data, out, *extra):
     return th.parse_args([
         base, "--data", data, "-o", out, "--heads", str(N_HEADS), "--gen-tokens", str(GEN), "--batch", "256",
-        "--threads", "2", "--device", "cpu", "--quiet", "--measure", "0", "--val-frac", "0.2", *extra,
+        "--threads", "1", "--device", "cpu", "--quiet", "--measure", "0", "--val-frac", "0.2", *extra,
     ])
 
 
@@ -71,7 +71,7 @@ def test_few_steps_reduce_heads_loss(trained):
     hidden, tokens, lengths, _ = cache.load()
     targets = th.make_targets(tokens, lengths, N_HEADS)
     rows = np.nonzero(targets[:, 0] >= 0)[0][:512]
-    h = torch.from_numpy(hidden[rows].astype(np.float32))
+    h = torch.from_numpy(hidden.take(rows))
     t = torch.from_numpy(targets[rows])
     w_out = th.read_output_matrix(trained["base"].path)
     model = th.build_heads(N_HEADS, 1, w_out, seed=0)
@@ -103,10 +103,10 @@ def test_trained_heads_raise_tokens_per_step(trained):
     print(f"\nheld-out top-1 {s['heldout_top1']} top-5 {s['heldout_top5']}; default tree {s['tree']}")
     base, heads = trained["base"].path, trained["out"]
     held_out = _prompts(8, seed=123)
-    plain = Engine(base, tree="chain:0", n_ctx=256, n_threads=2)
+    plain = Engine(base, tree="chain:0", n_ctx=256, n_threads=1)
     results = {}
     for tree in ("chain:3", None):  # None: the tree stored in the heads file
-        eng = Engine(base, heads, tree=tree, n_ctx=256, n_threads=2)
+        eng = Engine(base, heads, tree=tree, n_ctx=256, n_threads=1)
         tok = steps = 0
         for p in held_out:
             ids = eng.model.tokenize(p, True, False)
@@ -141,10 +141,11 @@ def test_hidden_states_match_engine(trained):
     meta = json.load(open(os.path.join(cache_dir, "meta.json")))
     assert meta["complete"] and meta["format"] == th.DATA_FORMAT
     assert meta["max_hidden_check_diff"] < 1e-3
-    shard = np.load(os.path.join(cache_dir, meta["shards"][0]["file"]))
+    shard = dict(np.load(os.path.join(cache_dir, meta["shards"][0]["file"] + ".npz")))
+    shard["hidden"] = np.load(os.path.join(cache_dir, meta["shards"][0]["file"] + ".npy"))
     assert shard["hidden"].dtype == np.float16 and shard["tokens"].dtype == np.int32
     prompts = th.load_prompts(trained["data"])
-    eng = Engine(trained["base"].path, tree="chain:0", n_ctx=256, n_threads=2)
+    eng = Engine(trained["base"].path, tree="chain:0", n_ctx=256, n_threads=1)
     i, n = int(shard["prompt_index"][0]), int(shard["lengths"][0])
     ids = eng.model.tokenize(prompts[i], True, False)
     assert int(shard["prompt_len"][0]) == len(ids)
@@ -166,6 +167,52 @@ def test_cache_reused_and_resume(trained, tmp_path):
     assert any("resumed from" in l and "step 200" in l for l in logs), logs
     assert s["time_data_s"] < 1.0
     assert open(trained["out"], "rb").read() == before
+
+
+def test_interrupted_run_resumes_exactly(trained, tmp_path, monkeypatch):
+    """Stopped after its checkpoint at step 10, a 20-step run resumed with --resume writes the
+    same heads as an uninterrupted run."""
+    cache = str(trained["out"])[:-5] + ".data"
+    common = ("--steps", "20", "--save-every", "10", "--cache", cache, "--tree", "chain:2")
+    full = str(tmp_path / "full.medusa.gguf")
+    th.train(_args(trained["base"].path, trained["data"], full, *common), log=lambda *a: None)
+
+    part = str(tmp_path / "part.medusa.gguf")
+    real = th.heads_loss
+    calls = {"n": 0}
+
+    def stop_at_13(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(th, "heads_loss", stop_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        th.train(_args(trained["base"].path, trained["data"], part, *common), log=lambda *a: None)
+    monkeypatch.setattr(th, "heads_loss", real)
+    assert not os.path.exists(part) and os.path.exists(str(tmp_path / "part.medusa.ckpt.pt"))
+    logs = []
+    th.train(_args(trained["base"].path, trained["data"], part, *common, "--resume"), log=logs.append)
+    assert any("resumed from" in l and "step 10" in l for l in logs), logs
+    assert open(part, "rb").read() == open(full, "rb").read()
+
+
+def test_shared_output_heads_load(trained, tmp_path):
+    """--shared-output: ResBlocks only, W_out reused from the base; the engine runs them."""
+    from medusa_edge.engine import read_heads_info
+
+    out = str(tmp_path / "shared.medusa.gguf")
+    cache = str(trained["out"])[:-5] + ".data"
+    s = th.train(_args(trained["base"].path, trained["data"], out, "--steps", "60", "--cache", cache, "--shared-output",
+                       "--head-type", "q8_0"), log=lambda *a: None)
+    assert read_heads_info(out)["shared_output"]
+    assert s["heldout_loss_after"] < s["heldout_loss_before"]
+    eng = Engine(trained["base"].path, out, tree="chain:2", n_ctx=128, n_threads=1)
+    st = Stats()
+    for _ in eng.generate(eng.model.tokenize("the world", True, False), SamplingParams(), 16, stats=st):
+        pass
+    assert st.n_generated == 16
 
 
 def test_cache_for_other_base_refused(trained, tmp_path):
