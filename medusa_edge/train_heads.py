@@ -59,7 +59,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -152,40 +152,35 @@ class BaseModel:
         self._n_gpu_layers = n_gpu_layers
         self.template = self._chat_template(chat)
 
-    def _chat_template(self, chat: str) -> Optional[str]:
+    def _chat_template(self, chat: str) -> bool:
+        """Whether prompts are wrapped as a user message in the chat format (as ``Medusa.apply_chat_template``)."""
         try:
             tmpl = self.model.chat_template() or None
         except Exception:
             tmpl = None
+        self.template_text = tmpl
         if chat == "off":
-            return None
-        if chat == "on" and not tmpl:
-            raise ValueError(f"--chat on: {self.path} has no tokenizer.chat_template")
-        return tmpl or None
+            return False
+        return chat == "on" or tmpl is not None
 
     def prompt_tokens(self, prompt, max_tokens: int) -> list[int]:
-        """Token ids of a prompt (chat template applied if any), keeping its last ``max_tokens``."""
-        if self.template is not None:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        """Token ids of a prompt exactly as the API builds them at inference (chat format if
+        enabled: the GGUF's template, or the Vicuna format when it has none), keeping the last
+        ``max_tokens``."""
+        from types import SimpleNamespace
 
+        from .api import Medusa
+
+        shim = SimpleNamespace(engine=self.engine)
+        if self.template:
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            bos = self._piece(self.model.bos)
-            eos = self._piece(self.model.eos)
-            text = Jinja2ChatFormatter(self.template, eos_token=eos, bos_token=bos)(messages=msgs).prompt
-            add_bos = not (bos and text.startswith(bos))
-            ids = list(self.model.tokenize(text, add_bos, True))
+            text = Medusa.apply_chat_template(shim, msgs)
         else:
-            if isinstance(prompt, list):
-                prompt = "\n".join(m["content"] for m in prompt)
-            ids = list(self.model.tokenize(prompt, True, False))
+            text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        ids = Medusa._prompt_tokens(shim, text)
         if len(ids) > max_tokens:
             ids = ids[-max_tokens:]
         return ids
-
-    def _piece(self, tok: int) -> str:
-        if tok is None or tok < 0:
-            return ""
-        return bytes(self.model.token_text(tok)).decode("utf-8", "replace")
 
     def generate(self, prompt_ids: list[int], gen_tokens: int, temperature: float, seed: int):
         """The base's continuation and the engine's hidden state at the last prompt position."""
@@ -580,7 +575,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-prompt-tokens", type=int, default=512, help="keep the last N tokens of long prompts (default 512)")
     g.add_argument("--max-prompts", type=int, help="use only the first N prompts")
     g.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
-                   help="wrap prompts in the GGUF's chat template: auto = when it has one (default)")
+                   help="wrap prompts as a user message in the chat format, as the API's apply_chat_template: "
+                   "auto = when the GGUF has a chat template (default); on = also without one (Vicuna format)")
     g.add_argument("--cache", help="data cache directory (default: OUTPUT without .gguf, plus .data)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all)")
     g.add_argument("--gpu-layers", type=int, default=0, help="layers of the base to offload during generation")
@@ -645,7 +641,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "base_vocab_hash": base.vocab_hash, "n_embd": base.n_embd, "n_vocab": base.n_vocab,
         "gen_tokens": args.gen_tokens, "temperature": args.temp, "seed": args.seed,
         "max_prompt_tokens": args.max_prompt_tokens,
-        "chat_template_sha256": hashlib.sha256(base.template.encode()).hexdigest() if base.template else None,
+        "chat": base.template,
+        "chat_template_sha256": hashlib.sha256(base.template_text.encode()).hexdigest() if base.template_text else None,
         "prompts_sha256": _sha256_json(prompts), "n_prompts": len(prompts),
     }
     cache = DataCache(cache_dir, identity)

@@ -239,15 +239,22 @@ def test_prompt_formats(tmp_path):
         th.load_prompts(str(tmp_path / "bad.jsonl"))
 
 
-def test_chat_template_applied(tmp_path):
-    tmpl = "{% for m in messages %}<s>{{ m['content'] }} answer{% endfor %}"
+def test_prompts_tokenized_as_the_api_does(tmp_path):
+    """Prompts go through the same chat format and tokenization as the API at inference."""
+    tmpl = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
     m = write_llama_gguf(str(tmp_path / "chat.gguf"), chat_template=tmpl)
     b = th.BaseModel(m.path, 64, 1)
     ids = b.prompt_tokens("the world", 32)
-    assert ids == list(b.model.tokenize("<s>the world answer", False, True))
-    assert ids.count(1) == 1  # one BOS: the template's, none added
+    assert ids == [1] + list(b.model.tokenize("[INST] the world [/INST]", False, True))
+    assert b.prompt_tokens("the world " * 40, 16)[-1] == ids[-1] and len(b.prompt_tokens("the world " * 40, 16)) == 16
     plain = th.BaseModel(m.path, 64, 1, chat="off")
-    assert plain.prompt_tokens("the world", 32) == list(plain.model.tokenize("the world", True, False))
+    assert plain.prompt_tokens("the world", 32) == [1] + list(plain.model.tokenize("the world", False, True))
+    vicuna = th.BaseModel(trained_free_base(tmp_path), 64, 1, chat="on")
+    assert vicuna.prompt_tokens("hi", 32) == [1] + list(vicuna.model.tokenize("USER: hi\nASSISTANT:", False, True))
+
+
+def trained_free_base(tmp_path):
+    return write_llama_gguf(str(tmp_path / "nochat.gguf")).path
 
 
 def test_grow_tree():
