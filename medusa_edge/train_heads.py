@@ -13,8 +13,9 @@ matrix read from the GGUF (``output.weight``, or ``token_embd.weight`` when tied
 
 Stages, each cached or checkpointed so a rerun continues where it stopped:
 
-1. **Generate** (llama.cpp): each prompt is continued greedily (or sampled with ``--temp``) for
-   ``--gen-tokens`` tokens by the engine; then one llama.cpp forward of prompt + continuation,
+1. **Generate** (llama.cpp): each prompt, formatted and tokenized as the API does at inference
+   (as a user message in the chat format when the GGUF has a chat template, see ``--chat``),
+   is continued greedily (or sampled with ``--temp``) for ``--gen-tokens`` tokens by the engine; then one llama.cpp forward of prompt + continuation,
    with embeddings on and no pooling (llama-cpp-python, the same library the engine runs on),
    gives the hidden state of every position. The first row is checked against the engine's
    own hidden state after its prefill.
