@@ -27,7 +27,8 @@ def train_tokenizer(data_dir: str, out_dir: str, vocab_size: int, seed: int) -> 
     prefix = os.path.join(out_dir, "tokenizer")
     spm.SentencePieceTrainer.train(
         input=text, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
         input_sentence_size=200000, shuffle_input_sentence=True, seed_sentencepiece_size=200000,
         num_threads=os.cpu_count(), minloglevel=2,
     )

@@ -24,7 +24,7 @@ import numpy as np
 from . import schema
 from ._loader import native
 from .errors import ContextOverflowError, HeadsError, ModelLoadError
-from .tree import PRESETS, Tree, TreeError, accept_greedy, accept_typical
+from .tree import PRESETS, DepthPolicy, Tree, TreeError, accept_greedy, accept_typical
 
 #: proposer(generated, n_heads, top_k) -> [n_heads, top_k] token ids, rank-sorted. ``generated``
 #: holds the tokens emitted so far, the current root last. Replaces the heads (tests, other drafts).
@@ -73,6 +73,7 @@ class Stats:
     t_decode: float = 0.0  # llama_decode of the trees
     t_heads: float = 0.0
     t_total: float = 0.0
+    depth_policy: object = None  # the DepthPolicy of an adaptive tree, for inspection
 
     @property
     def tokens_per_step(self) -> float:
@@ -158,6 +159,7 @@ class Engine:
         n_gpu_layers: int = 0,
         f32_kv: bool = False,
         top_k: int = 10,
+        adaptive: Optional[bool] = None,
         verbose: bool = False,
     ):
         native.set_verbose(verbose)
@@ -201,6 +203,9 @@ class Engine:
             except (RuntimeError, ValueError) as e:
                 raise HeadsError(str(e)) from None
         self._shapes: dict[int, tuple[Tree, object]] = {}
+        # The heads' own tree adapts its depth to this device unless the caller fixed a tree.
+        self.adaptive = (tree is None) if adaptive is None else adaptive
+        self._costs = self._measure_costs() if self.adaptive and self.tree.n_nodes > 1 else None
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_heads_match(self, path: str, info: dict) -> None:
@@ -227,6 +232,26 @@ class Engine:
 
             return Tree.from_paths(json.loads(self.heads_info["tree"]))
         return Tree.from_paths(PRESETS["mc_sim_7b_63"]).truncated(n_heads)
+
+    def _measure_costs(self, reps: int = 3) -> list[float]:
+        """Seconds per step for each depth cut of the tree on this device: verification plus the
+        heads that cut reads (best of ``reps``)."""
+        costs = []
+        for d in range(self.tree.max_depth + 1):
+            t, shape = self._shape(d, self.tree.n_nodes)
+            toks = np.full(t.n_nodes, self.model.bos if self.model.bos >= 0 else 0, np.int32)
+            best = float("inf")
+            for _ in range(reps):
+                self.ctx.truncate(0)
+                t0 = time.perf_counter()
+                self.ctx.decode_tree(shape, toks, 0)
+                self.ctx.argmax(t.n_nodes)
+                if d > 0 and self.heads is not None:
+                    self.heads.propose(self.ctx, 0, t.max_rank + 1, d)
+                best = min(best, time.perf_counter() - t0)
+            costs.append(best)
+        self.ctx.truncate(0)
+        return costs
 
     def _shape(self, max_depth: int, max_nodes: int) -> tuple[Tree, object]:
         """The tree cut to ``max_depth`` and then to its first ``max_nodes`` nodes (node order is
@@ -272,6 +297,8 @@ class Engine:
         n_heads = self.heads.n_heads if self.heads is not None else self.tree.max_depth
         stats.head_accepts = [0] * n_heads
         sampler = self._sampler(params)
+        policy = DepthPolicy(self._costs) if self._costs else None
+        stats.depth_policy = policy
         t0 = time.perf_counter()
         try:
             # Prefill: the prompt, then the first token from the last prompt position.
@@ -288,7 +315,8 @@ class Engine:
             while True:
                 remaining = budget - len(generated)
                 # the tree must fit both the tokens still wanted and the free KV cells
-                tree, shape = self._shape(remaining - 1, self.n_ctx - n_past)
+                depth = policy.choose() if policy else self.tree.max_depth
+                tree, shape = self._shape(min(remaining - 1, depth), self.n_ctx - n_past)
                 # propose: the heads' top-k at the position that produced the root
                 th = time.perf_counter()
                 proposals = self._propose(tree, row, generated, proposer)
@@ -307,6 +335,8 @@ class Engine:
                 new = [int(t) for t in tokens[path[1:]]] + [int(root)]
                 stats.steps += 1
                 stats.accepted_hist[len(path) - 1] += 1
+                if policy:
+                    policy.update(tree.max_depth, len(path) - 1)
                 for d in range(len(path) - 1):
                     stats.head_accepts[d] += 1
                 stop = next((i for i, t in enumerate(new) if self.model.is_eog(t)), None)

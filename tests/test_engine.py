@@ -315,3 +315,17 @@ def test_statistics_shape(models):
     assert sum(s["accepted_length_histogram"].values()) == s["steps"]
     assert len(s["head_acceptance"]) == 4
     assert s["time_total_s"] >= s["time_decode_s"] + s["time_heads_s"]
+
+
+def test_adaptive_depth_is_default_and_lossless(models, plain):
+    """With the heads' own tree, the depth is chosen per step from measured costs; the output is unchanged."""
+    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512)
+    assert e.adaptive and len(e._costs) == e.tree.max_depth + 1 and all(c > 0 for c in e._costs)
+    p = e.model.tokenize("between the school and the river", True, False)
+    truth = ids_of(plain, p, GREEDY, 80)
+    st = Stats()
+    assert ids_of(e, p, GREEDY, 80, stats=st) == truth
+    assert st.depth_policy is not None and st.depth_policy.steps == st.steps
+    # random heads are never right: after the first probe the policy mostly stops paying for the tree
+    assert st.accepted_hist[0] == st.steps
+    assert not Engine(models["f32"].path, models["f32_heads"].path, tree="chain:2", n_ctx=512).adaptive
