@@ -65,7 +65,8 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--heads")
     ap.add_argument("--prompts", required=True)
-    ap.add_argument("--trees", nargs="+", default=["default"])
+    ap.add_argument("--trees", nargs="+", default=["default", "auto"],
+                    help="'default' (the heads file's tree), 'auto' (that tree, depth adapted per step), presets, chain:N")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--chat", action="store_true")
@@ -93,7 +94,9 @@ def main():
     print(f"{'plain':16s} {1:5d} {base_tps:7.1f} {1.0:8.2f} {1.0:8.2f} {'-':>5s}")
     rows = [{"tree": "plain", "tokens_per_s": base_tps}]
     for spec in args.trees:
-        e = Engine(args.model, heads, tree=None if spec == "default" else spec, n_ctx=args.n_ctx, n_threads=args.threads)
+        # "default": the heads file's tree, fixed; "auto": the same tree with its depth adapted per step
+        e = Engine(args.model, heads, tree=None if spec in ("default", "auto") else spec, adaptive=spec == "auto",
+                   n_ctx=args.n_ctx, n_threads=args.threads)
         out, st, t = run(e, prompts, params, args.max_tokens)
         tps = st.n_generated / t
         same = sum(a == b for a, b in zip(out, base_out))
