@@ -159,7 +159,7 @@ class Engine:
         n_gpu_layers: int = 0,
         f32_kv: bool = False,
         top_k: int = 10,
-        adaptive: Optional[bool] = None,
+        adaptive: bool = False,
         verbose: bool = False,
     ):
         native.set_verbose(verbose)
@@ -203,8 +203,9 @@ class Engine:
             except (RuntimeError, ValueError) as e:
                 raise HeadsError(str(e)) from None
         self._shapes: dict[int, tuple[Tree, object]] = {}
-        # The heads' own tree adapts its depth to this device unless the caller fixed a tree.
-        self.adaptive = (tree is None) if adaptive is None else adaptive
+        # Opt-in (experimental): adapt the tree's depth per step to this device's measured costs.
+        # Off by default: on sub-millisecond steps the load-time cost measurement is too noisy.
+        self.adaptive = bool(adaptive)
         self._costs = self._measure_costs() if self.adaptive and self.tree.n_nodes > 1 else None
 
     # -- setup ---------------------------------------------------------------------------------

@@ -317,9 +317,9 @@ def test_statistics_shape(models):
     assert s["time_total_s"] >= s["time_decode_s"] + s["time_heads_s"]
 
 
-def test_adaptive_depth_is_default_and_lossless(models, plain):
-    """With the heads' own tree, the depth is chosen per step from measured costs; the output is unchanged."""
-    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512)
+def test_adaptive_depth_is_lossless(models, plain):
+    """adaptive=True: the depth is chosen per step from measured costs; the output is unchanged."""
+    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, adaptive=True)
     assert e.adaptive and len(e._costs) == e.tree.max_depth + 1 and all(c > 0 for c in e._costs)
     p = e.model.tokenize("between the school and the river", True, False)
     truth = ids_of(plain, p, GREEDY, 80)
@@ -328,4 +328,4 @@ def test_adaptive_depth_is_default_and_lossless(models, plain):
     assert st.depth_policy is not None and st.depth_policy.steps == st.steps
     # random heads are never right: after the first probe the policy mostly stops paying for the tree
     assert st.accepted_hist[0] == st.steps
-    assert not Engine(models["f32"].path, models["f32_heads"].path, tree="chain:2", n_ctx=512).adaptive
+    assert not Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512).adaptive
