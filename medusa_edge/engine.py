@@ -302,13 +302,15 @@ class Engine:
         stats.depth_policy = policy
         t0 = time.perf_counter()
         try:
-            # Prefill: the prompt, then the first token from the last prompt position.
+            # Prefill: the prompt, chunked as plain llama.cpp decoding does (identical logits),
+            # then the first token from the last prompt position. No hidden state comes out of
+            # it, so the first step verifies the root alone and the heads start from the second.
             self.ctx.truncate(0)
-            self.ctx.prefill(list(prompt), 0)
+            self.ctx.prefill(list(prompt), 0, False)
             stats.t_prefill = time.perf_counter() - t0
             root = self._pick(sampler, params, 0)
             generated = [root]
-            n_past, row = n_prompt, 0
+            n_past, row = n_prompt, None
             stats.n_generated = 1
             yield [root]
             if self.model.is_eog(root) or budget <= 1:
@@ -316,7 +318,7 @@ class Engine:
             while True:
                 remaining = budget - len(generated)
                 # the tree must fit both the tokens still wanted and the free KV cells
-                depth = policy.choose() if policy else self.tree.max_depth
+                depth = 0 if row is None else policy.choose() if policy else self.tree.max_depth
                 tree, shape = self._shape(min(remaining - 1, depth), self.n_ctx - n_past)
                 # propose: the heads' top-k at the position that produced the root
                 th = time.perf_counter()

@@ -188,11 +188,12 @@ class BaseModel:
         from .engine import SamplingParams
 
         params = SamplingParams(temperature=temperature, seed=seed & 0xFFFFFFFF)
+        # the engine's prefill gives no hidden state, so read it from a prefill of our own
+        self.engine.ctx.truncate(0)
+        self.engine.ctx.prefill(list(prompt_ids), 0)
+        h0 = np.array(self.engine.ctx.hidden(0), dtype=np.float32)
         out: list[int] = []
-        h0 = None
         for toks in self.engine.generate(prompt_ids, params, gen_tokens):
-            if h0 is None:
-                h0 = np.array(self.engine.ctx.hidden(0), dtype=np.float32)
             out.extend(int(t) for t in toks)
         return out, h0
 

@@ -178,6 +178,7 @@ struct Context {
     bool batch_ok = false;
     int32_t n_batch = 0, n_seq_max = 0, n_ctx = 0;
     int32_t n_outputs = 0;  // rows with outputs in the last decode
+    int32_t row_base = 0;   // batch index of output row 0 (llama_get_*_ith take batch indices)
     bool embeddings_on = false;
     std::vector<float> scratch;
 
@@ -256,9 +257,11 @@ struct Context {
                                         " do not fit the context of " + std::to_string(n_ctx) + " tokens");
     }
 
-    // Prompt tokens at n_past.., tagged with every seq id. Only the last token gets an output row,
-    // and it alone is decoded with embeddings on (embeddings force an output for every row).
-    void prefill(const std::vector<int32_t> &tokens, int32_t n_past) {
+    // Prompt tokens at n_past.., tagged with every seq id, in chunks of n_batch. Only the last token
+    // gets an output row. hidden = true decodes that token alone with embeddings on (embeddings
+    // force an output for every row), so its hidden state is readable; hidden = false keeps the
+    // chunking of plain llama.cpp decoding (llama-cpp-python's eval), so the logits equal its bit for bit.
+    void prefill(const std::vector<int32_t> &tokens, int32_t n_past, bool hidden) {
         const int32_t n = (int32_t)tokens.size();
         if (n == 0) throw std::invalid_argument("prefill needs at least one token");
         if (n_past < 0 || n_past + n > n_ctx)
@@ -278,13 +281,19 @@ struct Context {
             if (last_out) batch.logits[batch.n_tokens - 1] = 1;
         };
         set_embeddings(false);
-        for (int32_t from = 0; from < n - 1; from += n_batch) {
-            fill(from, std::min(n - 1, from + n_batch), false);
+        const int32_t n_bulk = hidden ? n - 1 : n;
+        for (int32_t from = 0; from < n_bulk; from += n_batch) {
+            const int32_t to = std::min(n_bulk, from + n_batch);
+            fill(from, to, !hidden && to == n);
             run_decode("prompt");
         }
-        set_embeddings(true);
-        fill(n - 1, n, true);
-        run_decode("prompt");
+        row_base = batch.n_tokens - 1;
+        if (hidden) {
+            set_embeddings(true);
+            fill(n - 1, n, true);
+            run_decode("prompt");
+            row_base = 0;
+        }
         n_outputs = 1;
     }
 
@@ -315,6 +324,7 @@ struct Context {
         }
         run_decode("tree verification");
         n_outputs = n;
+        row_base = 0;
     }
 
     // Strategy B of DESIGN.md section 3: keep the accepted cells in place.
@@ -345,7 +355,7 @@ struct Context {
 
     const float *row_logits(int32_t row) const {
         if (row < 0 || row >= n_outputs) throw std::out_of_range("output row " + std::to_string(row) + " out of range");
-        const float *p = llama_get_logits_ith(ctx, row);
+        const float *p = llama_get_logits_ith(ctx, row_base + row);
         if (!p) throw std::runtime_error("no logits for row " + std::to_string(row) + last_error());
         return p;
     }
@@ -374,7 +384,7 @@ struct Context {
     const float *row_hidden(int32_t row) const {
         if (!embeddings_on) throw std::runtime_error("hidden state requested for a batch decoded without embeddings");
         if (row < 0 || row >= n_outputs) throw std::out_of_range("output row " + std::to_string(row) + " out of range");
-        const float *p = llama_get_embeddings_ith(ctx, row);
+        const float *p = llama_get_embeddings_ith(ctx, row_base + row);
         if (!p) throw std::runtime_error("no hidden state for row " + std::to_string(row) + last_error());
         return p;
     }
@@ -417,7 +427,7 @@ struct Sampler {
     // Draw from output row `row` of the context's last decode; the token is accepted into the chain.
     int32_t sample(Context &c, int32_t row) {
         c.row_logits(row);  // bounds check
-        return llama_sampler_sample(chain, c.ctx, row);
+        return llama_sampler_sample(chain, c.ctx, c.row_base + row);
     }
     void accept(int32_t token) { llama_sampler_accept(chain, token); }
     void reset() { llama_sampler_reset(chain); }
@@ -760,7 +770,7 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_ctx", &Context::n_ctx)
         .def_readonly("n_batch", &Context::n_batch)
         .def_readonly("n_seq_max", &Context::n_seq_max)
-        .def("prefill", &Context::prefill, py::arg("tokens"), py::arg("n_past"))
+        .def("prefill", &Context::prefill, py::arg("tokens"), py::arg("n_past"), py::arg("hidden") = true)
         .def("decode_tree", &Context::decode_tree, py::arg("tree"), py::arg("tokens"), py::arg("n_past"))
         .def("commit", &Context::commit, py::arg("tree"), py::arg("path"), py::arg("n_past"))
         .def("truncate", &Context::truncate, py::arg("pos"))

@@ -160,9 +160,10 @@ def test_forced_accept_patterns(models, plain, right_depths, expect):
     st = Stats()
     got = ids_of(e, p, GREEDY, 101, proposer=oracle(truth, right_depths=right_depths), stats=st)
     assert got == truth
-    full_steps = st.steps - 1  # the last step may be cut short by max_tokens
+    # the first step verifies the root alone (the prefill gives no hidden state); the last may be cut by max_tokens
+    full_steps = st.steps - 2
     assert st.accepted_hist[expect] >= full_steps and set(st.accepted_hist) <= {expect, *range(expect)}
-    assert st.steps == -(-100 // (expect + 1))  # ceil: one prefill token, then expect+1 per step
+    assert st.steps == 1 + -(-99 // (expect + 1))  # prefill token, plain step, then expect+1 per step
     if expect:
         assert st.head_accepts[expect - 1] >= full_steps and st.head_accepts[expect:] == [0] * (4 - expect)
 
@@ -195,7 +196,7 @@ def test_sampling_matches_llama_cpp_python(models):
         a = med.create_completion("Once upon a time", max_tokens=24, temperature=0.8, seed=seed)["choices"][0]["text"]
         b = base.create_completion("Once upon a time", max_tokens=24, temperature=0.8, seed=seed)["choices"][0]["text"]
         same += a == b
-    assert same >= 4  # batch-shape numerics may move one draw across a CDF boundary
+    assert same == 5  # the prompt is decoded in llama-cpp-python's chunks, so even the first draw sees its logits
 
 
 def test_typical_acceptance_is_opt_in_and_runs(models, tree_engine):
@@ -325,7 +326,7 @@ def test_adaptive_depth_is_lossless(models, plain):
     truth = ids_of(plain, p, GREEDY, 80)
     st = Stats()
     assert ids_of(e, p, GREEDY, 80, stats=st) == truth
-    assert st.depth_policy is not None and st.depth_policy.steps == st.steps
+    assert st.depth_policy is not None and st.depth_policy.steps == st.steps - 1  # the first step is root-only
     # random heads are never right: after the first probe the policy mostly stops paying for the tree
     assert st.accepted_hist[0] == st.steps
     assert not Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512).adaptive
