@@ -24,7 +24,7 @@ import numpy as np
 from . import schema
 from ._loader import native
 from .errors import ContextOverflowError, HeadsError, ModelLoadError
-from .tree import PRESETS, DepthPolicy, Tree, TreeError, accept_greedy, accept_typical
+from .tree import PRESETS, DepthPolicy, Tree, TreeError, accept_greedy, accept_typical, chain
 
 #: proposer(generated, n_heads, top_k) -> [n_heads, top_k] token ids, rank-sorted. ``generated``
 #: holds the tokens emitted so far, the current root last. Replaces the heads (tests, other drafts).
@@ -189,7 +189,7 @@ class Engine:
             self.heads_info = read_heads_info(heads_path)
             self._check_heads_match(heads_path, self.heads_info)
 
-        self.tree = self._choose_tree(tree)
+        self.tree = self._choose_tree(tree, on_gpu=n_gpu_layers != 0 and native.supports_gpu_offload())
         n_heads = self.heads_info["n_heads"] if self.heads_info else self.tree.max_depth
         # the context gets one sequence per leaf; check before allocating anything
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
@@ -222,7 +222,14 @@ class Engine:
         if want and want != f"{self.model.vocab_fingerprint():016x}":
             raise HeadsError(f"heads file {path} was made for a different tokenizer than model {self.model_path} (vocab hash differs)")
 
-    def _choose_tree(self, tree) -> Tree:
+    #: Largest default tree on a CPU. Verifying B tokens at once costs about 1.95x one token at
+    #: B=2, 2.5x at 4, 3.5x at 8 and 19x at 64 on a 2-core AVX2 CPU (DESIGN.md section 3), so
+    #: the reference's 64-token trees (tuned for A100s) lose there; a short chain pays best.
+    CPU_MAX_DEFAULT_NODES = 8
+
+    def _choose_tree(self, tree, on_gpu: bool) -> Tree:
+        """The caller's tree; else the heads file's; else the reference default cut to the heads.
+        Without a GPU, a default tree of more than CPU_MAX_DEFAULT_NODES becomes a 3-chain."""
         if tree is not None:
             return Tree.resolve(tree)
         if self.heads_info is None:
@@ -231,8 +238,12 @@ class Engine:
         if self.heads_info.get("tree"):
             import json
 
-            return Tree.from_paths(json.loads(self.heads_info["tree"]))
-        return Tree.from_paths(PRESETS["mc_sim_7b_63"]).truncated(n_heads)
+            t = Tree.from_paths(json.loads(self.heads_info["tree"]))
+        else:
+            t = Tree.from_paths(PRESETS["mc_sim_7b_63"]).truncated(n_heads)
+        if not on_gpu and t.n_nodes > self.CPU_MAX_DEFAULT_NODES:
+            return Tree.from_paths(chain(min(3, n_heads)))
+        return t
 
     def _measure_costs(self, reps: int = 3) -> list[float]:
         """Seconds per step for each depth cut of the tree on this device: verification plus the

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import llama_cpp
 
-from medusa_edge import Engine, Medusa, SamplingParams, Stats
+from medusa_edge import Engine, Medusa, SamplingParams, Stats, Tree
 from medusa_edge.testing import _WORDS
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -327,6 +327,18 @@ def test_adaptive_depth_is_lossless(models, plain):
     st = Stats()
     assert ids_of(e, p, GREEDY, 80, stats=st) == truth
     assert st.depth_policy is not None and st.depth_policy.steps == st.steps - 1  # the first step is root-only
-    # random heads are never right: after the first probe the policy mostly stops paying for the tree
-    assert st.accepted_hist[0] == st.steps
     assert not Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512).adaptive
+
+
+def test_default_tree_is_small_on_cpu(models, tmp_path):
+    """The reference's 64-token tree as a heads file's default becomes a short chain without a GPU;
+    an explicit tree is always kept."""
+    from medusa_edge.testing import write_random_heads
+
+    h = str(tmp_path / "big.medusa.gguf")
+    write_random_heads(h, models["f32"], n_heads=4, tree=Tree.resolve("mc_sim_7b_63").paths)
+    assert Engine(models["f32"].path, h, n_ctx=256).tree.paths == ((0,), (0, 0), (0, 0, 0))
+    assert Engine(models["f32"].path, h, n_ctx=256, tree="mc_sim_7b_63").tree.n_nodes == 64
+    small = str(tmp_path / "small.medusa.gguf")
+    write_random_heads(small, models["f32"], n_heads=4, tree=[[0], [1], [0, 0]])
+    assert Engine(models["f32"].path, small, n_ctx=256).tree.n_nodes == 4
