@@ -19,7 +19,7 @@ for m in medusa1 medusa2; do
   $PY -m convert "$W/$m-hf" -o "$W/$m-gguf" --quant Q8_0 --heads-type q8_0 --tree demo/tree.json
 done
 for m in medusa1 medusa2; do
-  g=$(ls "$W/$m-gguf"/*-Q8_0.gguf | grep -v medusa)
+  g=$(ls "$W/$m-gguf"/*-Q8_0.gguf | grep -v '\.medusa\.gguf$')
   echo "== $m, in-domain (held-out prompts)" | tee -a "$W/bench.txt"
   $PY bench/bench.py "$g" --prompts "$W/data/prompts.jsonl" --limit 40 --max-tokens 96 --trees default chain:3 | tee -a "$W/bench.txt"
   echo "== $m, MT-Bench first turns" | tee -a "$W/bench.txt"
