@@ -21,7 +21,9 @@
 #include "llama.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -83,6 +85,35 @@ static uint64_t fnv1a_tokens(const llama_vocab *vocab) {
     }
     return h;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ctrl-C during a decode. While llama_decode runs (GIL released, possibly for seconds on a long
+// prompt) Python cannot act on SIGINT, so a guard swaps in a handler that only sets a flag;
+// llama.cpp's abort callback polls it between graph nodes (CPU backends) and the decode returns
+// early. After the decode the previous handler is restored and the caller raises KeyboardInterrupt.
+
+static std::atomic<bool> g_interrupted{false};
+static unsigned long g_main_thread = 0;  // Python's main thread: the only one SIGINT is meant for
+
+static void on_sigint(int) { g_interrupted.store(true); }
+
+static bool abort_requested(void *) { return g_interrupted.load(); }
+
+struct SigintGuard {
+    struct sigaction old {};
+    bool installed = false;
+    SigintGuard() {
+        g_interrupted.store(false);
+        if (PyThread_get_thread_ident() != g_main_thread) return;  // worker threads leave SIGINT alone
+        struct sigaction sa {};
+        sa.sa_handler = on_sigint;
+        sigemptyset(&sa.sa_mask);
+        installed = sigaction(SIGINT, &sa, &old) == 0;
+    }
+    ~SigintGuard() {
+        if (installed) sigaction(SIGINT, &old, nullptr);
+    }
+};
 
 // ---------------------------------------------------------------------------------------------
 
@@ -208,6 +239,8 @@ struct Context {
             p.type_k = GGML_TYPE_F32;
             p.type_v = GGML_TYPE_F32;
         }
+        p.abort_callback = abort_requested;
+        p.abort_callback_data = nullptr;
         clear_last_error();
         ctx = llama_init_from_model(model->model, p);
         if (!ctx) throw std::runtime_error("cannot create a llama.cpp context" + last_error());
@@ -233,21 +266,25 @@ struct Context {
         }
     }
 
-    // Decode `batch` (already filled) with the GIL released; raise on failure.
+    // Decode `batch` (already filled) with the GIL released; raise on failure, and raise
+    // KeyboardInterrupt when Ctrl-C arrived during the decode (see SigintGuard).
     void run_decode(const char *what) {
         int32_t rc;
+        bool interrupted;
         clear_last_error();
         {
+            SigintGuard guard;
             py::gil_scoped_release release;
             rc = llama_decode(ctx, batch);
+            interrupted = g_interrupted.load();
         }
-        if (rc == 2) throw KeyboardInterruptLike();
+        if (interrupted || rc == 2) {
+            PyErr_SetNone(PyExc_KeyboardInterrupt);
+            throw py::error_already_set();
+        }
         if (rc != 0)
             throw std::runtime_error(std::string(what) + ": llama_decode failed with code " + std::to_string(rc) + last_error());
     }
-    struct KeyboardInterruptLike : std::runtime_error {
-        KeyboardInterruptLike() : std::runtime_error("decode aborted") {}
-    };
 
     void check_fits(int32_t n_past, int32_t n_tokens, int32_t max_depth_plus_one) const {
         if (n_tokens > n_batch)
@@ -720,6 +757,7 @@ struct Heads {
 PYBIND11_MODULE(_native, m) {
     m.doc() = "medusa_edge native layer: llama.cpp model/context, tree batches, KV commit, ggml Medusa heads";
 
+    g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
     static bool backend_ready = false;
     if (!backend_ready) {
         llama_log_set(log_callback, nullptr);
@@ -731,7 +769,6 @@ PYBIND11_MODULE(_native, m) {
     m.def("supports_gpu_offload", []() { return llama_supports_gpu_offload(); });
     m.def("system_info", []() { return std::string(llama_print_system_info()); });
 
-    py::register_exception<Context::KeyboardInterruptLike>(m, "DecodeAborted");
 
     py::class_<Model, std::shared_ptr<Model>>(m, "Model")
         .def(py::init<const std::string &, int, bool>(), py::arg("path"), py::arg("n_gpu_layers") = 0,
