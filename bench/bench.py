@@ -4,8 +4,7 @@
                           [--max-tokens 128] [--limit N] [--chat] [--temp 0] [--json out.json]
 
 Prompt files: JSON lines with "prompt" (used as is) or "turns" (MT-Bench: the first turn).
---chat wraps each prompt with the model's chat template (tokenizer.chat_template via jinja2,
-Vicuna-style fallback). For each tree: tokens/s, speed-up over plain decoding, mean tokens per
+--chat wraps each prompt with the model's chat template, as Medusa.apply_chat_template does. For each tree: tokens/s, speed-up over plain decoding, mean tokens per
 step, per-head acceptance, and whether the output equalled the baseline's (greedy: it must).
 """
 
@@ -17,6 +16,7 @@ import os
 import time
 
 from medusa_edge import Engine, SamplingParams, Stats
+from medusa_edge.api import prompt_tokens, render_chat
 
 
 def load_prompts(path: str, limit: int | None) -> list[str]:
@@ -27,17 +27,6 @@ def load_prompts(path: str, limit: int | None) -> list[str]:
                 d = json.loads(line)
                 out.append(d["prompt"] if "prompt" in d else d["turns"][0])
     return out[:limit] if limit else out
-
-
-def chat_wrap(engine: Engine, text: str) -> str:
-    tmpl = engine.model.chat_template()
-    if tmpl:
-        import jinja2
-
-        return jinja2.Environment().from_string(tmpl).render(
-            messages=[{"role": "user", "content": text}], add_generation_prompt=True,
-            bos_token="", eos_token=engine.model.token_to_piece(engine.model.eos, True).decode())
-    return f"USER: {text}\nASSISTANT:"
 
 
 def run(engine: Engine, prompts: list[list[int]], params: SamplingParams, max_tokens: int):
@@ -84,8 +73,8 @@ def main():
     plain = Engine(args.model, tree="chain:0", n_ctx=args.n_ctx, n_threads=args.threads)
     texts = load_prompts(args.prompts, args.limit)
     if args.chat:
-        texts = [chat_wrap(plain, t) for t in texts]
-    prompts = [list(plain.model.tokenize(t, True, True)) for t in texts]
+        texts = [render_chat(plain.model, [{"role": "user", "content": t}]) for t in texts]
+    prompts = [prompt_tokens(plain.model, t) for t in texts]
     params = SamplingParams(temperature=args.temp, seed=1234)
     base_out, base_st, base_t = run(plain, prompts, params, args.max_tokens)
     base_tps = base_st.n_generated / base_t

@@ -34,8 +34,7 @@ def head_agreement(engine, prompt_tokens: list[int], n_tokens: int) -> tuple[np.
     gen, preds = [], []
     for step in range(n_tokens):
         tok = int(np.asarray(ctx.argmax(1))[0])
-        res = heads.propose(ctx, 0, 1)
-        ids = np.asarray(res[0] if isinstance(res, tuple) else res).reshape(heads.n_heads, -1)[:, 0]
+        ids = heads.propose(ctx, 0, 1)[0][:, 0]  # [n_heads] top-1
         gen.append(tok)
         preds.append(ids)
         if engine.model.is_eog(tok) or step == n_tokens - 1 or n_past + 1 >= engine.n_ctx:

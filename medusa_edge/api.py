@@ -62,6 +62,34 @@ class TextStream:
         return out
 
 
+def prompt_tokens(model, prompt: Union[str, Sequence[int]]) -> list[int]:
+    """Token ids of a prompt as llama-cpp-python builds them: BOS (if the model wants it), then the
+    text with special tokens parsed. A list of ids is taken as is. ``model``: a native Model."""
+    if isinstance(prompt, str):
+        bos = [model.bos] if model.add_bos and model.bos >= 0 else []
+        toks = bos + list(model.tokenize(prompt, False, True)) if prompt else bos
+        return toks or [model.bos]
+    return [int(t) for t in prompt]
+
+
+def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """Render ``messages`` with the GGUF's tokenizer.chat_template (jinja2), or the Vicuna
+    format when the model has none. ``model``: a native Model."""
+    tmpl = model.chat_template()
+    if not tmpl:
+        sys_msg = "".join(x["content"] + "\n\n" for x in messages if x["role"] == "system")
+        turns = "".join(
+            ("USER: " if x["role"] == "user" else "ASSISTANT: ") + x["content"] + ("\n" if x["role"] == "user" else "</s>\n")
+            for x in messages if x["role"] != "system")
+        return sys_msg + turns + ("ASSISTANT:" if add_generation_prompt else "")
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    piece = lambda t: model.token_to_piece(t, True).decode("utf-8", "replace") if t >= 0 else ""
+    return env.from_string(tmpl).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        bos_token=piece(model.bos), eos_token=piece(model.eos))
+
+
 class Medusa:
     """A GGUF model with Medusa heads. Arguments follow ``llama_cpp.Llama``.
 
@@ -130,31 +158,11 @@ class Medusa:
         return b"".join(m.token_to_piece(int(t), special) for t in tokens)
 
     def _prompt_tokens(self, prompt: Union[str, Sequence[int]]) -> list[int]:
-        if isinstance(prompt, str):
-            # As llama-cpp-python: BOS (if the model wants it), then the text with special tokens parsed.
-            m = self.engine.model
-            bos = [m.bos] if m.add_bos and m.bos >= 0 else []
-            toks = bos + list(m.tokenize(prompt, False, True)) if prompt else bos
-            return toks or [m.bos]
-        return [int(t) for t in prompt]
+        return prompt_tokens(self.engine.model, prompt)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the GGUF's tokenizer.chat_template (jinja2), or the Vicuna
-        format when the model has none."""
-        m = self.engine.model
-        tmpl = m.chat_template()
-        if not tmpl:
-            sys_msg = "".join(x["content"] + "\n\n" for x in messages if x["role"] == "system")
-            turns = "".join(
-                ("USER: " if x["role"] == "user" else "ASSISTANT: ") + x["content"] + ("\n" if x["role"] == "user" else "</s>\n")
-                for x in messages if x["role"] != "system")
-            return sys_msg + turns + ("ASSISTANT:" if add_generation_prompt else "")
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        piece = lambda t: m.token_to_piece(t, True).decode("utf-8", "replace") if t >= 0 else ""
-        return env.from_string(tmpl).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                            bos_token=piece(m.bos), eos_token=piece(m.eos))
+        """Render ``messages`` with the GGUF's tokenizer.chat_template, or the Vicuna format."""
+        return render_chat(self.engine.model, messages, add_generation_prompt)
 
     # -- completion ------------------------------------------------------------------------------
     def create_completion(

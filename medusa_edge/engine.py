@@ -267,12 +267,15 @@ class Engine:
 
     def _shape(self, max_depth: int, max_nodes: int) -> tuple[Tree, object]:
         """The tree cut to ``max_depth`` and then to its first ``max_nodes`` nodes (node order is
-        breadth-first, so any prefix is still a tree), with its native shape; cached."""
-        t = self.tree.truncated(max(max_depth, 0))
-        key = (t.max_depth, min(t.n_nodes, max(max_nodes, 1)))
+        breadth-first, so any prefix is still a tree), with its native shape. Called every step:
+        the cache lookup comes first, trees are only built on a miss."""
+        depth = min(max(max_depth, 0), self.tree.max_depth)
+        n_nodes = min(max(max_nodes, 1), int(np.count_nonzero(self.tree.depth <= depth)))
+        key = (depth, n_nodes)
         if key not in self._shapes:
-            if key[1] < t.n_nodes:
-                t = Tree.from_paths(t.paths[: key[1] - 1])
+            t = self.tree.truncated(depth)
+            if n_nodes < t.n_nodes:
+                t = Tree.from_paths(t.paths[: n_nodes - 1])
             self._shapes[key] = (t, native.TreeShape(t.depth.tolist(), [list(s) for s in t.seq_sets]))
         return self._shapes[key]
 

@@ -29,22 +29,6 @@ class HeadsMeta:
     base_vocab_hash: str
 
 
-def _encode(arr: np.ndarray, head_type: str, is_bias: bool):
-    """(data, raw_dtype) for GGUFWriter.add_tensor; biases and 1-D tensors stay f32."""
-    import gguf
-
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if is_bias or arr.ndim == 1 or head_type == "f32":
-        return arr, gguf.GGMLQuantizationType.F32
-    if head_type == "f16":
-        return arr.astype(np.float16), gguf.GGMLQuantizationType.F16
-    if head_type == "q8_0":
-        if arr.shape[-1] % 32:
-            return arr.astype(np.float16), gguf.GGMLQuantizationType.F16
-        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    raise ValueError(f"heads type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
-
-
 def write_heads_gguf(
     path: str,
     meta: HeadsMeta,
@@ -65,8 +49,8 @@ def write_heads_gguf(
     try:
         _add_heads_meta(w, meta, head_type)
         for name, arr in tensors:
-            data, dtype = _encode(arr, head_type, name.endswith(".bias"))
-            w.add_tensor(name, data, raw_dtype=dtype)
+            qtype = heads_tensor_type(name, arr.shape, head_type)
+            w.add_tensor(name, _encode_block(arr, qtype), raw_dtype=qtype)
             if progress is not None:
                 progress(name, arr)
         w.write_header_to_file()
@@ -132,7 +116,8 @@ def _encode_block(arr: np.ndarray, qtype) -> np.ndarray:
 
 
 def heads_tensor_type(name: str, shape: Sequence[int], head_type: str):
-    """The GGML type a heads tensor is stored in (same rule as ``write_heads_gguf``)."""
+    """The GGML type a heads tensor is stored in: biases and vectors f32; matrices as
+    ``head_type``, except q8_0 rows not a multiple of 32 long, which stay f16."""
     import gguf
 
     T = gguf.GGMLQuantizationType

@@ -168,17 +168,14 @@ class BaseModel:
         """Token ids of a prompt exactly as the API builds them at inference (chat format if
         enabled: the GGUF's template, or the Vicuna format when it has none), keeping the last
         ``max_tokens``."""
-        from types import SimpleNamespace
+        from .api import prompt_tokens, render_chat
 
-        from .api import Medusa
-
-        shim = SimpleNamespace(engine=self.engine)
         if self.template:
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            text = Medusa.apply_chat_template(shim, msgs)
+            text = render_chat(self.model, msgs)
         else:
             text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-        ids = Medusa._prompt_tokens(shim, text)
+        ids = prompt_tokens(self.model, text)
         if len(ids) > max_tokens:
             ids = ids[-max_tokens:]
         return ids
