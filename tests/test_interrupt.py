@@ -32,7 +32,7 @@ def test_sigint_stops_a_long_prefill_and_the_engine_recovers(slow_model):
     with pytest.raises(KeyboardInterrupt):
         for _ in e.generate(LONG, SamplingParams(), 4):
             pass
-    assert time.perf_counter() - t0 < 1.5  # a full prefill of this prompt takes several seconds
+    assert time.perf_counter() - t0 < 2.5  # a full prefill of this prompt takes 4-7 s here
     after = [t for new in e.generate(short, SamplingParams(), 16) for t in new]
     assert after == before
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
