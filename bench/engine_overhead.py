@@ -18,6 +18,7 @@ import numpy as np
 
 from medusa_edge import Engine, SamplingParams, Stats
 from medusa_edge._loader import native
+from medusa_edge.hwguard import load_model
 from medusa_edge.testing import write_llama_gguf, write_random_heads
 
 
@@ -44,7 +45,7 @@ def main():
         m = write_llama_gguf(model, n_embd=768, n_layer=8, n_head=12, n_head_kv=12, n_ff=2048, vocab_size=32000, dtype="q8_0", seed=0)
         write_random_heads(heads, m, n_heads=4, head_type="q8_0")
         print(f"built model and heads in {time.time() - t:.1f} s")
-    probe = native.Model(model)
+    probe = load_model(model)
     print(f"model: {probe.n_params / 1e6:.0f}M params, {probe.size_bytes / 2**20:.0f} MiB, threads {args.threads}")
     prompt = probe.tokenize("the old house was along the water and the children", True, False)
     del probe

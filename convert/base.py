@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from medusa_edge import schema
+from medusa_edge.hwguard import load_model
 from medusa_edge.heads_gguf import StreamTensor, write_gguf_streaming
 
 from .checkpoint import Checkpoint, ConvertError, load_json, model_weight_files
@@ -76,10 +77,10 @@ def read_gguf_base(path: Path) -> BaseInfo:
         from medusa_edge._loader import native
 
         native.set_verbose(False)
-        probe = native.Model(str(path), vocab_only=True)
+        probe = load_model(str(path), vocab_only=True)
         recurrent = probe.is_recurrent
         del probe
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise ConvertError(f"{path}: llama.cpp cannot load it ({' '.join(str(e).split())[:160]})") from None
     if recurrent:
         raise ConvertError(

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Iterator, Optional, Sequence, Union
 
-from . import schema
+from . import chat_template, schema
 from .engine import Engine, Proposer, SamplingParams, Stats
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED
@@ -63,31 +63,29 @@ class TextStream:
 
 
 def prompt_tokens(model, prompt: Union[str, Sequence[int]]) -> list[int]:
-    """Token ids of a prompt as llama-cpp-python builds them: BOS (if the model wants it), then the
-    text with special tokens parsed. A list of ids is taken as is. ``model``: a native Model."""
+    """Token ids of a prompt: the text with special tokens parsed, preceded by BOS when the model
+    wants one and the text does not already start with it (a chat template that emits
+    ``bos_token`` must not get a second one; llama.cpp's chat code strips it the same way). A
+    list of ids is taken as is. ``model``: a native Model."""
     if isinstance(prompt, str):
-        bos = [model.bos] if model.add_bos and model.bos >= 0 else []
-        toks = bos + list(model.tokenize(prompt, False, True)) if prompt else bos
+        toks = list(model.tokenize(prompt, False, True)) if prompt else []
+        if model.add_bos and model.bos >= 0 and toks[:1] != [model.bos]:
+            toks.insert(0, model.bos)
         return toks or [model.bos]
     return [int(t) for t in prompt]
 
 
-def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """Render ``messages`` with the GGUF's tokenizer.chat_template (jinja2), or the Vicuna
-    format when the model has none. ``model``: a native Model."""
-    tmpl = model.chat_template()
+def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True,
+                template: Optional[str] = None) -> str:
+    """Render ``messages`` with ``template`` (default: the GGUF's tokenizer.chat_template) in a
+    jinja2 sandbox, or in the Vicuna v1.1 format when there is none. ``model``: a native Model."""
+    messages = chat_template.check_messages(messages)
+    tmpl = template if template is not None else model.chat_template()
     if not tmpl:
-        sys_msg = "".join(x["content"] + "\n\n" for x in messages if x["role"] == "system")
-        turns = "".join(
-            ("USER: " if x["role"] == "user" else "ASSISTANT: ") + x["content"] + ("\n" if x["role"] == "user" else "</s>\n")
-            for x in messages if x["role"] != "system")
-        return sys_msg + turns + ("ASSISTANT:" if add_generation_prompt else "")
-    import jinja2
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        return chat_template.vicuna(messages, add_generation_prompt)
     piece = lambda t: model.token_to_piece(t, True).decode("utf-8", "replace") if t >= 0 else ""
-    return env.from_string(tmpl).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        bos_token=piece(model.bos), eos_token=piece(model.eos))
+    return chat_template.render(tmpl, messages, add_generation_prompt=add_generation_prompt,
+                                bos_token=piece(model.bos), eos_token=piece(model.eos))
 
 
 class Medusa:
@@ -110,6 +108,8 @@ class Medusa:
         seed: int = DEFAULT_SEED,
         tree=None,
         f32_kv: bool = False,
+        flash_attn: Optional[bool] = None,
+        exact: bool = True,
         verbose: bool = False,
     ):
         if model_path is None:
@@ -127,7 +127,7 @@ class Medusa:
         self._seed = seed
         self.engine = Engine(
             model_path, heads_path, tree=tree, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-            n_gpu_layers=n_gpu_layers, f32_kv=f32_kv, verbose=verbose,
+            n_gpu_layers=n_gpu_layers, f32_kv=f32_kv, flash_attn=flash_attn, exact=exact, verbose=verbose,
         )
         self.last_stats: Optional[Stats] = None
 
@@ -183,8 +183,8 @@ class Medusa:
     ):
         """Complete ``prompt``. Returns llama-cpp-python's completion dict, or with ``stream=True``
         an iterator of its chunks. Both carry ``medusa`` statistics (the last chunk does)."""
-        if seed is None:
-            seed = random.Random(self._seed).randint(0, 2**32)
+        if seed is None:  # llama-cpp-python's chaining: each call draws the next seed from the last
+            self._seed = seed = random.Random(self._seed).randint(0, 2**32)
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, seed=seed, acceptance=acceptance,

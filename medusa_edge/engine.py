@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,9 +23,10 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from . import schema
+from . import exactness, gguf_check, schema
 from ._loader import native
-from .errors import ContextOverflowError, HeadsError, ModelLoadError
+from .hwguard import load_model
+from .errors import BusyError, ContextOverflowError, HeadsError, ModelLoadError
 from .tree import PRESETS, DepthPolicy, Tree, TreeError, accept_greedy, accept_typical, chain
 
 #: proposer(generated, n_heads, top_k) -> [n_heads, top_k] token ids, rank-sorted. ``generated``
@@ -65,8 +68,10 @@ class Stats:
     """Statistics of one generation. Times in seconds."""
 
     n_prompt: int = 0
+    n_prompt_reused: int = 0  # prompt tokens whose KV came from the previous call (not decoded)
     n_generated: int = 0
     steps: int = 0  # tree forwards (the prefill's forward is not a step)
+    realigned: int = 0  # accepted tokens decoded again to keep the KV cache in position order (exact mode)
     accepted_hist: Counter = field(default_factory=Counter)  # accepted candidates per step -> count
     head_accepts: list = field(default_factory=list)  # [n_heads] steps in which head i's node was accepted
     t_prefill: float = 0.0
@@ -90,8 +95,10 @@ class Stats:
         return {
             "steps": self.steps,
             "prompt_tokens": self.n_prompt,
+            "prompt_tokens_reused": self.n_prompt_reused,
             "generated_tokens": self.n_generated,
             "tokens_per_step": round(self.tokens_per_step, 4),
+            "realigned_tokens": self.realigned,
             "accepted_length_histogram": {int(k): int(v) for k, v in sorted(self.accepted_hist.items())},
             "head_acceptance": [round(a / self.steps, 4) if self.steps else 0.0 for a in self.head_accepts],
             "time_prefill_s": round(self.t_prefill, 6),
@@ -104,40 +111,16 @@ class Stats:
 
 
 def read_heads_info(path: str) -> dict:
-    """The heads GGUF's metadata (no tensor data), with clear errors for unreadable files."""
-    import gguf
-
+    """The heads GGUF's metadata (no tensor data), every value type- and range-checked: HeadsError
+    naming the file and the fault for unreadable, damaged or inconsistent files. Read natively with
+    ggml's size-bounded gguf reader (gguf_check), never gguf-py, so a hostile header cannot make it
+    allocate or loop beyond the file's size."""
     if not os.path.isfile(path):
         raise HeadsError(f"heads file {path}: no such file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise HeadsError(f"heads file {path}: not a GGUF file")
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damage
-        raise HeadsError(f"heads file {path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-
-    def get(key, default=None):
-        f = reader.get_field(key)
-        return default if f is None else f.contents()
-
-    if get("general.architecture") != schema.ARCH:
-        raise HeadsError(f"heads file {path}: general.architecture is {get('general.architecture')!r}, not 'medusa'")
-    info = {
-        "n_heads": get(schema.KEY_HEAD_COUNT),
-        "n_layers": get(schema.KEY_BLOCK_COUNT),
-        "n_embd": get(schema.KEY_EMBEDDING_LENGTH),
-        "n_vocab": get(schema.KEY_VOCAB_SIZE),
-        "shared_output": bool(get(schema.KEY_SHARED_OUTPUT, False)),
-        "tree": get(schema.KEY_TREE),
-        "base_vocab_hash": get(schema.KEY_BASE_VOCAB_HASH),
-        "schema_version": get(schema.KEY_SCHEMA_VERSION),
-    }
-    if None in (info["n_heads"], info["n_layers"], info["n_embd"], info["n_vocab"]):
-        raise HeadsError(f"heads file {path}: missing medusa.* size keys")
-    if info["schema_version"] is not None and info["schema_version"] > schema.SCHEMA_VERSION:
-        raise HeadsError(f"heads file {path}: schema version {info['schema_version']} is newer than this medusa-edge ({schema.SCHEMA_VERSION})")
-    return info
+        return gguf_check.heads_info(gguf_check.read_gguf(path, "heads file"))
+    except ValueError as e:
+        raise HeadsError(str(e)) from None
 
 
 class Engine:
@@ -158,19 +141,25 @@ class Engine:
         n_threads: Optional[int] = None,
         n_gpu_layers: int = 0,
         f32_kv: bool = False,
+        flash_attn: Optional[bool] = None,
+        exact: bool = True,
         top_k: int = 10,
         adaptive: bool = False,
         verbose: bool = False,
     ):
         native.set_verbose(verbose)
+        self.verbose = verbose
+        # One generation at a time owns the context (see _claim); others wait for it.
+        self._cv = threading.Condition()
+        self._holder: Optional[tuple] = None  # (generation token, thread id) of the owner
         if not os.path.isfile(model_path):
             raise ModelLoadError(f"model file {model_path}: no such file")
         n_threads = n_threads or max(1, (os.cpu_count() or 1))
         self.model_path = model_path
         self.heads_path = heads_path
         try:
-            probe = native.Model(model_path, vocab_only=True)
-        except RuntimeError as e:
+            probe = load_model(model_path, vocab_only=True)  # pre-checks the file (gguf_check)
+        except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
         if probe.is_recurrent:
             raise ModelLoadError(
@@ -179,8 +168,8 @@ class Engine:
             )
         del probe
         try:
-            self.model = native.Model(model_path, n_gpu_layers=n_gpu_layers)
-        except RuntimeError as e:
+            self.model = load_model(model_path, n_gpu_layers=n_gpu_layers, checked=True)
+        except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
 
         self.heads = None
@@ -189,14 +178,36 @@ class Engine:
             self.heads_info = read_heads_info(heads_path)
             self._check_heads_match(heads_path, self.heads_info)
 
-        self.tree = self._choose_tree(tree, on_gpu=n_gpu_layers != 0 and native.supports_gpu_offload())
+        on_gpu = n_gpu_layers != 0 and native.supports_gpu_offload()
+        self.tree = self._choose_tree(tree, on_gpu=on_gpu)
+        fa = -1 if flash_attn is None else int(bool(flash_attn))
+        # Exact mode: every decode stays inside the batch sizes measured bit-identical to
+        # one-token decodes on this device (exactness.py): trees, and prompt micro-batches too
+        # when the region is wide enough to prefill in (so a reused prefix equals a cold start).
+        self.exact = bool(exact)
+        self.exact_batch = 0  # 0: not measured (exact=False); 1: no exact region here
+        if self.exact:
+            self.exact_batch, _ = exactness.exact_batch(self.model, model_path, n_threads=n_threads, flash_attn=fa,
+                                                        f32_kv=f32_kv, n_gpu_layers=n_gpu_layers)
+            if self.exact_batch >= 2:
+                self.tree = self.tree.prefix(self.exact_batch)
+        n_ubatch = self.exact_batch if self.exact_batch >= self.MIN_EXACT_UBATCH else 0
         n_heads = self.heads_info["n_heads"] if self.heads_info else self.tree.max_depth
         # the context gets one sequence per leaf; check before allocating anything
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
         try:
-            self.ctx = native.Context(self.model, n_ctx, n_batch, n_threads, max(1, self.tree.n_leaves), f32_kv)
+            self.ctx = native.Context(self.model, n_ctx, n_batch, n_threads, max(1, self.tree.n_leaves), f32_kv, fa, n_ubatch)
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
+        self.flash_attn = bool(self.ctx.flash_attn)
+        if self.exact and self.exact_batch < 2 and self.tree.n_nodes > 1:
+            print(f"medusa-edge: on this device no batch of {self.model.description()} computes its rows bit for bit as "
+                  "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), so Medusa's output "
+                  "may differ from plain decoding at near-ties; `medusa-edge verify` measures how often.", file=sys.stderr)
+        # Tokens whose K/V sit at positions 0..len-1 of every sequence: the prefix a next call may
+        # reuse, valid while the context's epoch is the one recorded (nobody else edited the cache).
+        self._kv_tokens: list[int] = []
+        self._kv_epoch = -1
         if heads_path is not None:
             try:
                 self.heads = native.Heads(heads_path, model_path, n_threads, n_gpu_layers != 0)
@@ -221,6 +232,11 @@ class Engine:
         want = info["base_vocab_hash"]
         if want and want != f"{self.model.vocab_fingerprint():016x}":
             raise HeadsError(f"heads file {path} was made for a different tokenizer than model {self.model_path} (vocab hash differs)")
+
+    #: Prompt micro-batches use the exact batch size only when it is at least this large: smaller
+    #: micro-batches would slow the prefill several-fold (then a reused prefix may differ from a
+    #: cold start at near-ties; Medusa still equals plain decoding, which prefills the same way).
+    MIN_EXACT_UBATCH = 32
 
     #: Largest default tree on a CPU. Verifying B tokens at once costs about 1.95x one token at
     #: B=2, 2.5x at 4, 3.5x at 8 and 19x at 64 on a 2-core AVX2 CPU (DESIGN.md section 3), so
@@ -273,15 +289,38 @@ class Engine:
         n_nodes = min(max(max_nodes, 1), int(np.count_nonzero(self.tree.depth <= depth)))
         key = (depth, n_nodes)
         if key not in self._shapes:
-            t = self.tree.truncated(depth)
-            if n_nodes < t.n_nodes:
-                t = Tree.from_paths(t.paths[: n_nodes - 1])
+            t = self.tree.truncated(depth).prefix(n_nodes)
             self._shapes[key] = (t, native.TreeShape(t.depth.tolist(), [list(s) for s in t.seq_sets]))
         return self._shapes[key]
 
     @property
     def n_ctx(self) -> int:
         return self.ctx.n_ctx
+
+    # -- ownership -----------------------------------------------------------------------------
+    def _claim(self, token: object) -> None:
+        """Make generation ``token`` the owner of the context and KV cache. A generation of
+        another thread is waited for (two threads get their answers one after the other); one of
+        this thread that was left open (an unfinished stream) loses the context, and raises
+        BusyError if it is resumed."""
+        me = threading.get_ident()
+        with self._cv:
+            while self._holder is not None and self._holder[1] != me:
+                self._cv.wait()
+            self._holder = (token, me)
+
+    def _release(self, token: object) -> None:
+        with self._cv:
+            if self._holder is not None and self._holder[0] is token:
+                self._holder = None
+                self._cv.notify_all()
+
+    def _check_owner(self, token: object) -> None:
+        holder = self._holder
+        if holder is None or holder[0] is not token:
+            raise BusyError("this generation was superseded: another call on the same instance started before it "
+                            "finished, and the KV cache now belongs to that call. Finish or close a stream before "
+                            "starting the next one.")
 
     # -- the loop ------------------------------------------------------------------------------
     def generate(
@@ -292,12 +331,15 @@ class Engine:
         *,
         proposer: Optional[Proposer] = None,
         stats: Optional[Stats] = None,
+        reuse_prefix: bool = True,
     ) -> Iterator[list[int]]:
         """Yield the new tokens of each forward (prefill first, then one list per step).
 
         Stops after ``max_tokens`` tokens (clipped to what the context holds) or right after an
-        end-of-generation token. The caller may stop iterating at any time; the next call
-        starts from a clean cache.
+        end-of-generation token. The caller may stop iterating at any time. With ``reuse_prefix``
+        the prompt's longest common prefix with the tokens already in the KV cache (the last
+        call's prompt and committed output) is not decoded again, as llama-cpp-python does;
+        ``stats.n_prompt_reused`` says how many tokens that saved.
         """
         stats = stats if stats is not None else Stats()
         n_prompt = len(prompt)
@@ -314,19 +356,27 @@ class Engine:
         sampler = self._sampler(params)
         policy = DepthPolicy(self._costs) if self._costs else None
         stats.depth_policy = policy
+        token = object()
+        self._claim(token)
         t0 = time.perf_counter()
         try:
             # Prefill: the prompt, chunked as plain llama.cpp decoding does (identical logits),
             # then the first token from the last prompt position. No hidden state comes out of
             # it, so the first step verifies the root alone and the heads start from the second.
-            self.ctx.truncate(0)
-            self.ctx.prefill(list(prompt), 0, False)
+            prompt = [int(t) for t in prompt]
+            n_keep = self._reusable(prompt) if reuse_prefix else 0
+            self._kv_tokens = []  # unknown until the prefill has succeeded
+            self.ctx.truncate(n_keep)
+            self.ctx.prefill(prompt[n_keep:], n_keep, False)
+            self._kv_tokens, self._kv_epoch = prompt, self.ctx.epoch
+            stats.n_prompt_reused = n_keep
             stats.t_prefill = time.perf_counter() - t0
             root = self._pick(sampler, params, 0)
             generated = [root]
             n_past, row = n_prompt, None
             stats.n_generated = 1
             yield [root]
+            self._check_owner(token)
             if self.model.is_eog(root) or budget <= 1:
                 return
             while True:
@@ -346,9 +396,10 @@ class Engine:
                 # accept
                 path, root = self._accept(tree, tokens, sampler, params)
                 # commit
-                self.ctx.commit(shape, path, n_past)
+                row = self._commit(shape, tokens, path, n_past, stats)
+                self._kv_tokens.extend(int(tokens[i]) for i in path)
+                self._kv_epoch = self.ctx.epoch
                 n_past += len(path)
-                row = path[-1]
                 new = [int(t) for t in tokens[path[1:]]] + [int(root)]
                 stats.steps += 1
                 stats.accepted_hist[len(path) - 1] += 1
@@ -364,10 +415,55 @@ class Engine:
                 stats.n_generated = len(generated)
                 stats.t_total = time.perf_counter() - t0
                 yield new
+                self._check_owner(token)
                 if stop is not None or len(generated) >= budget:
                     return
         finally:
             stats.t_total = time.perf_counter() - t0
+            self._release(token)
+
+    def _commit(self, shape, tokens: np.ndarray, path: list[int], n_past: int, stats: Stats) -> int:
+        """Keep the accepted path in the KV cache; return the output row that holds its last node.
+
+        Node i of a tree sits in cell n_past + i, so an accepted path that leaves the tree's first
+        chain (nodes 0, 1, 2, ...) keeps its cells with holes between them, which later tokens
+        fill: cells out of position order. Attention sums over cells in cell order, so in exact
+        mode the nodes after the first hole are decoded once more, right after the kept prefix
+        (a chain of at most depth tokens), and the cache stays in the order plain decoding has."""
+        keep = len(path)
+        if self.exact:
+            keep = 0
+            while keep < len(path) and path[keep] == keep:
+                keep += 1
+        self.ctx.commit(shape, path[:keep], n_past)
+        if keep == len(path):
+            return path[-1]
+        rest = np.ascontiguousarray(tokens[path[keep:]], dtype=np.int32)
+        chain_shape = self._chain_shape(len(rest))
+        t = time.perf_counter()
+        self.ctx.decode_tree(chain_shape, rest, n_past + keep)
+        self.ctx.commit(chain_shape, list(range(len(rest))), n_past + keep)
+        stats.t_decode += time.perf_counter() - t
+        stats.realigned += len(rest)
+        return len(rest) - 1
+
+    def _chain_shape(self, n: int):
+        key = ("chain", n)
+        if key not in self._shapes:
+            self._shapes[key] = (None, native.TreeShape(list(range(n)), [[0]] * n))
+        return self._shapes[key][1]
+
+    def _reusable(self, prompt: list[int]) -> int:
+        """Length of the common prefix of ``prompt`` and the cached tokens, leaving at least the
+        last prompt token to decode (its logits pick the first new token)."""
+        if self._kv_epoch != self.ctx.epoch:
+            return 0
+        n = 0
+        for a, b in zip(self._kv_tokens, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
 
     # -- phases --------------------------------------------------------------------------------
     def _sampler(self, p: SamplingParams):

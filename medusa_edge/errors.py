@@ -15,3 +15,11 @@ class HeadsError(MedusaError):
 
 class ContextOverflowError(MedusaError, ValueError):
     """The prompt (or the requested work) does not fit the context window."""
+
+
+class ChatTemplateError(MedusaError, ValueError):
+    """A chat template failed to render, refused the messages, or tried to leave its sandbox."""
+
+
+class BusyError(MedusaError, RuntimeError):
+    """A generator of this instance was resumed after another call had started using its cache."""

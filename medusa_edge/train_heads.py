@@ -199,7 +199,9 @@ class BaseModel:
         ``first..len(tokens)-1`` of ``tokens`` (decoded from position 0, every row an output)."""
         lc = self._llama_cpp
         if self._llm is None:
-            self._llm = lc.Llama(
+            from .hwguard import llama_cpp_llama
+
+            self._llm = llama_cpp_llama(
                 self.path, embedding=True, pooling_type=lc.LLAMA_POOLING_TYPE_NONE, n_ctx=self.n_ctx,
                 n_batch=self.n_batch, n_ubatch=self.n_batch, n_threads=self._n_threads,
                 n_gpu_layers=self._n_gpu_layers, verbose=False,

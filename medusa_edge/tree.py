@@ -174,6 +174,13 @@ class Tree:
             return self
         return Tree.from_paths([p for p in self.paths if len(p) <= max_depth])
 
+    def prefix(self, n_nodes: int) -> "Tree":
+        """The first ``n_nodes`` nodes (root included). Node order is breadth-first, so any
+        prefix is still a prefix-closed tree."""
+        if n_nodes >= self.n_nodes:
+            return self
+        return Tree.from_paths(self.paths[: max(n_nodes, 1) - 1])
+
     def check(self, *, n_heads: int, n_seq_max: int, n_batch: int, top_k: int = 10) -> None:
         """Raise TreeError if this tree cannot run with these heads and this context."""
         if self.max_rank >= top_k:

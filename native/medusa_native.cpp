@@ -25,6 +25,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -43,9 +44,13 @@ using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 static std::mutex g_log_mutex;
 static bool g_verbose = false;
 static std::string g_last_error;
+// llama.cpp resolves flash_attn_type = AUTO while creating a context and exposes the result only
+// in its log ("Flash Attention not supported, set to disabled" when a device lacks the op).
+static bool g_fa_auto_disabled = false;
 
 static void log_callback(ggml_log_level level, const char *text, void *) {
     std::lock_guard<std::mutex> lock(g_log_mutex);
+    if (std::strstr(text, "Flash Attention not supported")) g_fa_auto_disabled = true;
     if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
         std::string t(text);
         while (!t.empty() && (t.back() == '\n' || t.back() == ' ')) t.pop_back();
@@ -122,10 +127,13 @@ struct Model {
     const llama_vocab *vocab = nullptr;
     std::string path;
 
-    Model(const std::string &path_, int n_gpu_layers, bool vocab_only) : path(path_) {
+    // use_extra_bufts = false keeps llama.cpp off its extra weight buffer types (CPU repacking,
+    // AMX): the Python side turns it off where those crash (medusa_edge/hwguard.py).
+    Model(const std::string &path_, int n_gpu_layers, bool vocab_only, bool use_extra_bufts) : path(path_) {
         llama_model_params p = llama_model_default_params();
         p.n_gpu_layers = n_gpu_layers;
         p.vocab_only = vocab_only;
+        p.use_extra_bufts = use_extra_bufts;
         clear_last_error();
         model = llama_model_load_from_file(path.c_str(), p);
         if (!model) throw std::runtime_error("cannot load model " + path + last_error());
@@ -208,13 +216,18 @@ struct Context {
     llama_batch batch{};
     bool batch_ok = false;
     int32_t n_batch = 0, n_seq_max = 0, n_ctx = 0;
+    bool flash_attn = false;  // resolved: whether the context computes attention with flash attention
+    uint64_t epoch = 0;       // bumped by every call that changes the KV cache (callers detect edits by others)
     int32_t n_outputs = 0;  // rows with outputs in the last decode
     int32_t row_base = 0;   // batch index of output row 0 (llama_get_*_ith take batch indices)
     bool embeddings_on = false;
     std::vector<float> scratch;
 
+    // flash_attn: 1 on, 0 off, -1 llama.cpp's AUTO (on where the device supports it).
+    // n_ubatch: llama.cpp splits every decode into micro-batches of at most this many tokens
+    // (<= 0: n_batch); the exact mode keeps it inside the batch-invariant region.
     Context(std::shared_ptr<Model> model_, int n_ctx_, int n_batch_, int n_threads, int n_seq_max_,
-            bool f32_kv, bool flash_attn)
+            bool f32_kv, int flash_attn_, int n_ubatch_)
         : model(std::move(model_)) {
         if (llama_model_is_recurrent(model->model) || llama_model_is_hybrid(model->model))
             throw std::invalid_argument("model " + model->path +
@@ -227,14 +240,15 @@ struct Context {
         llama_context_params p = llama_context_default_params();
         p.n_ctx = n_ctx_;
         p.n_batch = n_batch_;
-        p.n_ubatch = n_batch_;
+        p.n_ubatch = n_ubatch_ > 0 ? std::min(n_ubatch_, n_batch_) : n_batch_;
         p.n_seq_max = n_seq_max_;
         p.n_threads = n_threads;
         p.n_threads_batch = n_threads;
         p.kv_unified = true;  // coupled sequences (a tree) need one KV stream
         p.embeddings = false;
         p.pooling_type = LLAMA_POOLING_TYPE_NONE;
-        p.flash_attn_type = flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        p.flash_attn_type = flash_attn_ < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                            : flash_attn_ ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
         if (f32_kv) {
             p.type_k = GGML_TYPE_F32;
             p.type_v = GGML_TYPE_F32;
@@ -242,8 +256,16 @@ struct Context {
         p.abort_callback = abort_requested;
         p.abort_callback_data = nullptr;
         clear_last_error();
+        {
+            std::lock_guard<std::mutex> lock(g_log_mutex);
+            g_fa_auto_disabled = false;
+        }
         ctx = llama_init_from_model(model->model, p);
         if (!ctx) throw std::runtime_error("cannot create a llama.cpp context" + last_error());
+        {
+            std::lock_guard<std::mutex> lock(g_log_mutex);
+            flash_attn = flash_attn_ > 0 || (flash_attn_ < 0 && !g_fa_auto_disabled);
+        }
         n_batch = (int32_t)llama_n_batch(ctx);
         n_seq_max = (int32_t)llama_n_seq_max(ctx);
         n_ctx = (int32_t)llama_n_ctx(ctx);
@@ -299,6 +321,7 @@ struct Context {
     // force an output for every row), so its hidden state is readable; hidden = false keeps the
     // chunking of plain llama.cpp decoding (llama-cpp-python's eval), so the logits equal its bit for bit.
     void prefill(const std::vector<int32_t> &tokens, int32_t n_past, bool hidden) {
+        ++epoch;
         const int32_t n = (int32_t)tokens.size();
         if (n == 0) throw std::invalid_argument("prefill needs at least one token");
         if (n_past < 0 || n_past + n > n_ctx)
@@ -336,6 +359,7 @@ struct Context {
 
     // One tree: node i at n_past + depth[i] carrying seq_sets[i]; every node gets an output row.
     void decode_tree(const TreeShape &tree, i32_array tokens, int32_t n_past) {
+        ++epoch;
         const int n = tree.n();
         if (tokens.ndim() != 1 || tokens.shape(0) != n)
             throw std::invalid_argument("decode_tree: expected " + std::to_string(n) + " tokens");
@@ -368,6 +392,7 @@ struct Context {
     // `path` is the accepted node list (root first); afterwards positions [n_past, n_past + len(path))
     // hold the path, tagged with every seq id, and nothing else is left beyond n_past.
     void commit(const TreeShape &tree, const std::vector<int32_t> &path, int32_t n_past) {
+        ++epoch;
         if (path.empty() || path[0] != 0) throw std::invalid_argument("commit: the path must start at the root (node 0)");
         for (int32_t v : path)
             if (v < 0 || v >= tree.n()) throw std::invalid_argument("commit: node index out of range");
@@ -386,7 +411,10 @@ struct Context {
     }
 
     // Drop everything at positions >= pos, in every sequence.
-    void truncate(int32_t pos) { llama_memory_seq_rm(mem(), -1, pos, -1); }
+    void truncate(int32_t pos) {
+        ++epoch;
+        llama_memory_seq_rm(mem(), -1, pos, -1);
+    }
 
     int32_t cache_pos_max(int32_t seq) const { return llama_memory_seq_pos_max(mem(), seq); }
 
@@ -471,52 +499,269 @@ struct Sampler {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Medusa heads on ggml. head_i(h) = W_out_i (x_L), x_0 = h, x_{j+1} = x_j + SiLU(W_ij x_j + b_ij).
+// GGUF files from outside: heads files, and the model file that shared-output heads take their
+// lm_head from.
+//
+// Contract: a damaged or hostile file gives std::invalid_argument (Python ValueError) that names the
+// file and the fault; never an abort, a signal, a hang, or an allocation beyond the file's size.
+// ggml's gguf reader (this llama.cpp version) already bounds every count, string and array by the
+// bytes left in the file, rejects unknown value types, nested arrays and duplicate keys or tensor
+// names, and checks tensor dimensions, types (in range, rows a whole number of blocks), offsets
+// (consecutive, aligned) and byte sizes against overflow. What it leaves to the caller is checked here:
+//   - a value's type before gguf_get_val_* (which GGML_ASSERTs, killing the process, on a mismatch);
+//   - value ranges before narrowing (a u64 head count must not wrap into a small int32);
+//   - tensor data inside the file (the reader never compares the data section with the file's end);
+//   - tensor types and shapes the heads graph can run (in Heads).
+
+// a + b, false on uint64 overflow. (Products need no check: the reader bounds tensor sizes, and
+// Heads bounds its counts so that n_heads * (6 * n_layers + 8) and the like stay far inside int64.)
+static bool add_u64(uint64_t a, uint64_t b, uint64_t *out) {
+    if (b > UINT64_MAX - a) return false;
+    *out = a + b;
+    return true;
+}
+
+// GGUF value type as text: "u32", "str", "arr[str]", ...
+static std::string gguf_kv_type_label(const gguf_context *g, int64_t id) {
+    const gguf_type t = gguf_get_kv_type(g, id);
+    const char *name = gguf_type_name(t);
+    if (t != GGUF_TYPE_ARRAY) return name ? name : "?";
+    const char *elem = gguf_type_name(gguf_get_arr_type(g, id));
+    return std::string("arr[") + (elem ? elem : "?") + "]";
+}
 
 struct GgufFile {
+    std::string path, what;  // what: "heads file", "model file" (starts every error message)
     gguf_context *g = nullptr;
-    ggml_context *meta = nullptr;
-    GgufFile(const std::string &path, const char *what) {
+    ggml_context *meta = nullptr;  // one no-data tensor per entry: shapes and types
+    uint64_t size = 0;             // bytes in the file
+
+    GgufFile(const std::string &path_, const std::string &what_) : path(path_), what(what_) {
         FILE *f = fopen(path.c_str(), "rb");
-        if (!f) throw std::invalid_argument(std::string(what) + " " + path + ": cannot open file");
+        if (!f) fail("cannot open file");
         char magic[4] = {0, 0, 0, 0};
-        size_t got = fread(magic, 1, 4, f);
+        const size_t got = fread(magic, 1, 4, f);
+        const int64_t end = fseeko(f, 0, SEEK_END) == 0 ? (int64_t)ftello(f) : -1;
         fclose(f);
-        if (got != 4 || std::memcmp(magic, "GGUF", 4) != 0)
-            throw std::invalid_argument(std::string(what) + " " + path + ": not a GGUF file (bad magic)");
+        if (got != 4 || std::memcmp(magic, "GGUF", 4) != 0) fail("not a GGUF file (bad magic)");
+        if (end < 0) fail("cannot determine the file size");
+        size = (uint64_t)end;
         gguf_init_params p{};
         p.no_alloc = true;
         p.ctx = &meta;
         clear_last_error();
         g = gguf_init_from_file(path.c_str(), p);
-        if (!g) throw std::invalid_argument(std::string(what) + " " + path + ": corrupt or truncated GGUF" + last_error());
+        if (!g) {
+            release();
+            fail("corrupt or truncated GGUF" + last_error());
+        }
+        // A truncated download parses (the reader stops at the tensor table) but fails here.
+        const uint64_t data_off = gguf_get_data_offset(g);
+        for (int64_t t = 0; t < gguf_get_n_tensors(g); ++t) {
+            uint64_t begin, end_t;
+            if (!add_u64(data_off, gguf_get_tensor_offset(g, t), &begin) || !add_u64(begin, gguf_get_tensor_size(g, t), &end_t) ||
+                end_t > size) {
+                const std::string name = gguf_get_tensor_name(g, t);
+                release();
+                fail("truncated (tensor " + name + " ends past the end of the file, which has " + std::to_string(size) + " bytes)");
+            }
+        }
     }
-    ~GgufFile() {
-        if (g) gguf_free(g);
-        if (meta) ggml_free(meta);
-    }
+    ~GgufFile() { release(); }
     GgufFile(const GgufFile &) = delete;
     GgufFile &operator=(const GgufFile &) = delete;
+
+    void release() {
+        if (g) gguf_free(g), g = nullptr;
+        if (meta) ggml_free(meta), meta = nullptr;
+    }
+
+    [[noreturn]] void fail(const std::string &why) const { throw std::invalid_argument(what + " " + path + ": " + why); }
+
+    // Integer value of `key`, of any GGUF integer type, checked to lie in [lo, hi]. Absent: `dflt`,
+    // or an error when dflt is null.
+    int64_t get_int(const char *key, int64_t lo, int64_t hi, const int64_t *dflt = nullptr) const {
+        const int64_t id = gguf_find_key(g, key);
+        if (id < 0) {
+            if (dflt) return *dflt;
+            fail(std::string("missing key ") + key);
+        }
+        int64_t v = 0;
+        uint64_t u = 0;
+        bool is_unsigned = true;
+        switch (gguf_get_kv_type(g, id)) {
+            case GGUF_TYPE_UINT8: u = gguf_get_val_u8(g, id); break;
+            case GGUF_TYPE_UINT16: u = gguf_get_val_u16(g, id); break;
+            case GGUF_TYPE_UINT32: u = gguf_get_val_u32(g, id); break;
+            case GGUF_TYPE_UINT64: u = gguf_get_val_u64(g, id); break;
+            case GGUF_TYPE_INT8: v = gguf_get_val_i8(g, id), is_unsigned = false; break;
+            case GGUF_TYPE_INT16: v = gguf_get_val_i16(g, id), is_unsigned = false; break;
+            case GGUF_TYPE_INT32: v = gguf_get_val_i32(g, id), is_unsigned = false; break;
+            case GGUF_TYPE_INT64: v = gguf_get_val_i64(g, id), is_unsigned = false; break;
+            default: fail(std::string("key ") + key + " is of type " + gguf_kv_type_label(g, id) + ", not an integer");
+        }
+        const bool in_range = is_unsigned ? u <= (uint64_t)hi && (int64_t)u >= lo : v >= lo && v <= hi;
+        if (!in_range)
+            fail(std::string("key ") + key + " = " + (is_unsigned ? std::to_string(u) : std::to_string(v)) + " is outside [" +
+                 std::to_string(lo) + ", " + std::to_string(hi) + "]");
+        return is_unsigned ? (int64_t)u : v;
+    }
+
+    bool get_bool(const char *key, bool dflt) const {
+        const int64_t id = gguf_find_key(g, key);
+        if (id < 0) return dflt;
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_BOOL)
+            fail(std::string("key ") + key + " is of type " + gguf_kv_type_label(g, id) + ", not bool");
+        return gguf_get_val_bool(g, id);
+    }
+
+    // String value of `key`; `dflt` when absent.
+    std::string get_str(const char *key, const std::string &dflt) const {
+        const int64_t id = gguf_find_key(g, key);
+        if (id < 0) return dflt;
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING)
+            fail(std::string("key ") + key + " is of type " + gguf_kv_type_label(g, id) + ", not str");
+        return gguf_get_val_str(g, id);
+    }
+
+    // Tensor `name`: its metadata (shape and type as the reader checked them) and the absolute file
+    // offset of its data (inside the file: checked by the constructor).
+    std::pair<const ggml_tensor *, uint64_t> tensor(const std::string &name) const {
+        const int64_t tid = gguf_find_tensor(g, name.c_str());
+        const ggml_tensor *m = tid < 0 || !meta ? nullptr : ggml_get_tensor(meta, name.c_str());
+        if (!m) fail("missing tensor " + name);
+        return {m, gguf_get_data_offset(g) + gguf_get_tensor_offset(g, tid)};
+    }
+
+    // {"version", "alignment", "data_offset", "file_size", "n_tensors",
+    //  "kv": {key: (type label, value)}, "tensors": {name: (ggml type name, shape, offset, nbytes)}}
+    // Strings are bytes (GGUF does not promise UTF-8); numeric arrays are numpy arrays; string arrays
+    // lists of bytes. Everything here was already read into memory by the reader (bounded by the file).
+    py::dict to_python() const {
+        py::dict kv;
+        for (int64_t id = 0; id < gguf_get_n_kv(g); ++id) {
+            const gguf_type t = gguf_get_kv_type(g, id);
+            py::object v;
+            switch (t) {
+                case GGUF_TYPE_UINT8: v = py::int_(gguf_get_val_u8(g, id)); break;
+                case GGUF_TYPE_INT8: v = py::int_(gguf_get_val_i8(g, id)); break;
+                case GGUF_TYPE_UINT16: v = py::int_(gguf_get_val_u16(g, id)); break;
+                case GGUF_TYPE_INT16: v = py::int_(gguf_get_val_i16(g, id)); break;
+                case GGUF_TYPE_UINT32: v = py::int_(gguf_get_val_u32(g, id)); break;
+                case GGUF_TYPE_INT32: v = py::int_(gguf_get_val_i32(g, id)); break;
+                case GGUF_TYPE_UINT64: v = py::int_(gguf_get_val_u64(g, id)); break;
+                case GGUF_TYPE_INT64: v = py::int_(gguf_get_val_i64(g, id)); break;
+                case GGUF_TYPE_FLOAT32: v = py::float_(gguf_get_val_f32(g, id)); break;
+                case GGUF_TYPE_FLOAT64: v = py::float_(gguf_get_val_f64(g, id)); break;
+                case GGUF_TYPE_BOOL: v = py::bool_(gguf_get_val_bool(g, id)); break;
+                case GGUF_TYPE_STRING: v = py::bytes(gguf_get_val_str(g, id)); break;
+                case GGUF_TYPE_ARRAY: v = array_to_python(id); break;
+                default: fail("key " + std::string(gguf_get_key(g, id)) + " has an unknown type");
+            }
+            kv[py::bytes(gguf_get_key(g, id))] = py::make_tuple(gguf_kv_type_label(g, id), v);
+        }
+        py::dict tensors;
+        for (int64_t t = 0; t < gguf_get_n_tensors(g); ++t) {
+            const char *name = gguf_get_tensor_name(g, t);
+            const ggml_tensor *m = meta ? ggml_get_tensor(meta, name) : nullptr;
+            py::tuple shape = m ? py::tuple(py::make_tuple(m->ne[0], m->ne[1], m->ne[2], m->ne[3])) : py::tuple();
+            tensors[py::bytes(name)] = py::make_tuple(ggml_type_name(gguf_get_tensor_type(g, t)), shape,
+                                                      gguf_get_data_offset(g) + gguf_get_tensor_offset(g, t), gguf_get_tensor_size(g, t));
+        }
+        py::dict d;
+        d["version"] = gguf_get_version(g);
+        d["alignment"] = gguf_get_alignment(g);
+        d["data_offset"] = gguf_get_data_offset(g);
+        d["file_size"] = size;
+        d["n_tensors"] = gguf_get_n_tensors(g);
+        d["kv"] = kv;
+        d["tensors"] = tensors;
+        return d;
+    }
+
+  private:
+    py::object array_to_python(int64_t id) const {
+        const gguf_type et = gguf_get_arr_type(g, id);
+        const size_t n = gguf_get_arr_n(g, id);
+        if (et == GGUF_TYPE_STRING) {
+            py::list out(n);
+            for (size_t i = 0; i < n; ++i) out[i] = py::bytes(gguf_get_arr_str(g, id, i));
+            return std::move(out);
+        }
+        const char *dtype = nullptr;
+        switch (et) {
+            case GGUF_TYPE_UINT8: dtype = "u1"; break;
+            case GGUF_TYPE_INT8: dtype = "i1"; break;
+            case GGUF_TYPE_UINT16: dtype = "<u2"; break;
+            case GGUF_TYPE_INT16: dtype = "<i2"; break;
+            case GGUF_TYPE_UINT32: dtype = "<u4"; break;
+            case GGUF_TYPE_INT32: dtype = "<i4"; break;
+            case GGUF_TYPE_UINT64: dtype = "<u8"; break;
+            case GGUF_TYPE_INT64: dtype = "<i8"; break;
+            case GGUF_TYPE_FLOAT32: dtype = "<f4"; break;
+            case GGUF_TYPE_FLOAT64: dtype = "<f8"; break;
+            case GGUF_TYPE_BOOL: dtype = "?"; break;  // stored one byte each
+            default: fail("key " + std::string(gguf_get_key(g, id)) + " is an array of an unknown type");
+        }
+        py::array out(py::dtype(dtype), std::vector<py::ssize_t>{(py::ssize_t)n});
+        if (n) std::memcpy(out.mutable_data(), gguf_get_arr_data(g, id), n * out.itemsize());
+        return std::move(out);
+    }
 };
 
-static int64_t file_size(const std::string &path) {
-    FILE *f = fopen(path.c_str(), "rb");
-    if (!f) return -1;
-    fseek(f, 0, SEEK_END);
-    int64_t n = ftell(f);
-    fclose(f);
-    return n;
+// Medusa heads on ggml. head_i(h) = W_out_i (x_L), x_0 = h, x_{j+1} = x_j + SiLU(W_ij x_j + b_ij).
+//
+// Loading validates the heads file (and, for shared output, the model file's lm_head) completely
+// before any device memory is taken. The weights go to the backend of the model's device; if that
+// device cannot run an op of the heads graph, the heads run on the CPU instead (see build()).
+
+// Matrix types the heads graph may multiply: those the CPU backend (also the fallback) has a dot
+// product for. Not Q8_1/Q8_K (activation-only types without one), not the integer types or F64: the
+// CPU backend would crash on them. (medusa_edge/gguf_check.py MATRIX_TYPES is the same list.)
+static bool matrix_type_ok(ggml_type t) {
+    switch (t) {
+        case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
+        case GGML_TYPE_Q1_0: case GGML_TYPE_Q2_0: case GGML_TYPE_NVFP4:
+        case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1: case GGML_TYPE_Q5_0: case GGML_TYPE_Q5_1: case GGML_TYPE_Q8_0:
+        case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K:
+        case GGML_TYPE_IQ2_XXS: case GGML_TYPE_IQ2_XS: case GGML_TYPE_IQ2_S: case GGML_TYPE_IQ3_XXS: case GGML_TYPE_IQ3_S:
+        case GGML_TYPE_IQ1_S: case GGML_TYPE_IQ1_M: case GGML_TYPE_IQ4_NL: case GGML_TYPE_IQ4_XS:
+        case GGML_TYPE_TQ1_0: case GGML_TYPE_TQ2_0: case GGML_TYPE_MXFP4:
+            return true;
+        default:
+            return false;
+    }
 }
 
 struct Heads {
+    // Bounds on the metadata: far above any real head set, and they keep all size arithmetic in
+    // int64 (n_heads * (2 * n_layers + 1) tensors; an [n_embd, n_vocab] matrix must also fit the file).
+    static constexpr int64_t kMaxHeads = 256, kMaxLayers = 256, kMaxDim = (int64_t(1) << 24) - 1;
+    static constexpr int64_t kSchemaVersion = 1;  // medusa_edge/schema.py SCHEMA_VERSION
+
     std::string path;
     int32_t n_heads = 0, n_layers = 0, n_embd = 0, n_vocab = 0;
     bool shared_output = false;
+    int n_threads = 1;
+
+    // What to load (filled once by parse(), then uploaded to a backend, again after a fallback).
+    struct WeightSpec {
+        std::string name, file;
+        uint64_t offset, nbytes;
+        ggml_type type;
+        int64_t ne0, ne1;
+    };
+    std::vector<WeightSpec> specs;
+    std::vector<std::vector<int>> w_idx, b_idx;  // [head][layer] -> index into specs / weights
+    std::vector<int> out_idx;                    // [head] (all equal when shared)
+
     ggml_backend_t backend = nullptr;
-    ggml_context *wctx = nullptr;                  // weight tensors
+    bool on_fallback = false;  // the heads run on the CPU because the first backend lacked an op
+    std::string backend_name;
+    std::string test_unsupported_op;  // MEDUSA_EDGE_TEST_UNSUPPORTED_OP: pretend the first backend lacks this op
+    ggml_context *wctx = nullptr;       // weight tensors
     ggml_backend_buffer_t wbuf = nullptr;
-    std::vector<std::vector<ggml_tensor *>> w, b;  // [head][layer]
-    std::vector<ggml_tensor *> w_out;               // [head] (all equal when shared)
+    std::vector<ggml_tensor *> weights;  // [specs]
     // compute graph, rebuilt when top_k or the number of heads used changes
     int32_t graph_k = -1, graph_n = -1;
     ggml_context *gctx = nullptr;
@@ -524,23 +769,11 @@ struct Heads {
     ggml_gallocr_t galloc = nullptr;
     ggml_tensor *in_h = nullptr;
     std::vector<ggml_tensor *> out_ids, out_probs;
-    std::string backend_name;
 
-    static int64_t key_i(gguf_context *g, const char *key, const std::string &path) {
-        int64_t id = gguf_find_key(g, key);
-        if (id < 0) throw std::invalid_argument("heads file " + path + ": missing key " + key);
-        switch (gguf_get_kv_type(g, id)) {
-            case GGUF_TYPE_UINT32: return gguf_get_val_u32(g, id);
-            case GGUF_TYPE_INT32: return gguf_get_val_i32(g, id);
-            case GGUF_TYPE_UINT64: return (int64_t)gguf_get_val_u64(g, id);
-            case GGUF_TYPE_INT64: return gguf_get_val_i64(g, id);
-            default: throw std::invalid_argument("heads file " + path + ": key " + key + " is not an integer");
-        }
-    }
-
-    Heads(const std::string &path_, const std::string &model_path, int n_threads, bool use_gpu) : path(path_) {
+    Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu) : path(path_) {
+        n_threads = std::max(1, n_threads_);
         try {
-            load(model_path, n_threads, use_gpu);
+            load(model_path, use_gpu);
         } catch (...) {
             release();
             throw;
@@ -550,131 +783,185 @@ struct Heads {
     Heads(const Heads &) = delete;
     Heads &operator=(const Heads &) = delete;
 
-    void release() {
+    void release_graph() {
         if (galloc) ggml_gallocr_free(galloc), galloc = nullptr;
         if (gctx) ggml_free(gctx), gctx = nullptr;
+        graph = nullptr;
+        graph_k = graph_n = -1;
+    }
+    void release_weights() {
         if (wbuf) ggml_backend_buffer_free(wbuf), wbuf = nullptr;
         if (wctx) ggml_free(wctx), wctx = nullptr;
+        weights.clear();
+    }
+    void release() {
+        release_graph();
+        release_weights();
         if (backend) ggml_backend_free(backend), backend = nullptr;
     }
 
-    void load(const std::string &model_path, int n_threads, bool use_gpu) {
+    void load(const std::string &model_path, bool use_gpu) {
+        const char *forced = std::getenv("MEDUSA_EDGE_TEST_UNSUPPORTED_OP");
+        test_unsupported_op = forced ? forced : "";
+        parse(model_path);
+        init_backend(use_gpu);
+        upload();
+        // Check the graph the engine builds first (top-10 of every head) now, so that a fallback
+        // happens at load time; build() checks again for every other (k, n_used).
+        build(std::min<int32_t>(10, n_vocab), n_heads);
+    }
+
+    // Validate the heads file (and the model file's lm_head for shared output) and fill specs.
+    void parse(const std::string &model_path) {
         GgufFile hf(path, "heads file");
-        gguf_context *g = hf.g;
-        int64_t arch_id = gguf_find_key(g, "general.architecture");
-        if (arch_id < 0 || gguf_get_kv_type(g, arch_id) != GGUF_TYPE_STRING || std::string(gguf_get_val_str(g, arch_id)) != "medusa")
-            throw std::invalid_argument("heads file " + path + ": general.architecture is not 'medusa' (is this a base model?)");
-        n_heads = (int32_t)key_i(g, "medusa.head_count", path);
-        n_layers = (int32_t)key_i(g, "medusa.block_count", path);
-        n_embd = (int32_t)key_i(g, "medusa.embedding_length", path);
-        n_vocab = (int32_t)key_i(g, "medusa.vocab_size", path);
-        {
-            int64_t id = gguf_find_key(g, "medusa.shared_output");
-            shared_output = id >= 0 && gguf_get_val_bool(g, id);
-        }
-        if (n_heads < 1 || n_layers < 0 || n_embd < 1 || n_vocab < 1)
-            throw std::invalid_argument("heads file " + path + ": bad head count or sizes in the metadata");
+        if (hf.get_str("general.architecture", "") != "medusa")
+            hf.fail("general.architecture is not 'medusa' (is this a base model?)");
+        const int64_t one = 1;
+        const int64_t version = hf.get_int("medusa.schema_version", 1, INT32_MAX, &one);
+        if (version > kSchemaVersion)
+            hf.fail("schema version " + std::to_string(version) + " is newer than this medusa-edge (" + std::to_string(kSchemaVersion) + ")");
+        n_heads = (int32_t)hf.get_int("medusa.head_count", 1, kMaxHeads);
+        n_layers = (int32_t)hf.get_int("medusa.block_count", 0, kMaxLayers);
+        n_embd = (int32_t)hf.get_int("medusa.embedding_length", 1, kMaxDim);
+        n_vocab = (int32_t)hf.get_int("medusa.vocab_size", 1, kMaxDim);
+        shared_output = hf.get_bool("medusa.shared_output", false);
+        const int64_t needed = (int64_t)n_heads * (2 * n_layers + (shared_output ? 0 : 1));  // <= 256 * 513
+        if (needed > gguf_get_n_tensors(hf.g))
+            hf.fail("the metadata asks for " + std::to_string(needed) + " tensors (" + std::to_string(n_heads) + " heads, " +
+                    std::to_string(n_layers) + " layers" + (shared_output ? ", shared output" : "") + ") but the file has " +
+                    std::to_string(gguf_get_n_tensors(hf.g)));
 
-        // Check that all tensor data lies inside the file (a truncated download fails here).
-        const int64_t fsize = file_size(path);
-        const size_t data_off = gguf_get_data_offset(g);
-        for (int64_t t = 0; t < gguf_get_n_tensors(g); ++t) {
-            const size_t end = data_off + gguf_get_tensor_offset(g, t) + gguf_get_tensor_size(g, t);
-            if ((int64_t)end > fsize)
-                throw std::invalid_argument("heads file " + path + ": truncated (tensor " + gguf_get_tensor_name(g, t) +
-                                            " ends at byte " + std::to_string(end) + ", file has " + std::to_string(fsize) + ")");
+        // Tensor `name` of `src`, required to be [ne0, ne1] of an allowed type (matrices: matrix_type_ok,
+        // biases: F32, as medusa_edge/heads_gguf.py writes them).
+        auto take = [&](const GgufFile &src, const std::string &name, int64_t ne0, int64_t ne1, bool matrix) -> int {
+            const auto [m, offset] = src.tensor(name);
+            if (m->ne[0] != ne0 || m->ne[1] != ne1 || m->ne[2] != 1 || m->ne[3] != 1)
+                src.fail("tensor " + name + " has shape [" + std::to_string(m->ne[0]) + ", " + std::to_string(m->ne[1]) + ", " +
+                         std::to_string(m->ne[2]) + ", " + std::to_string(m->ne[3]) + "], expected [" + std::to_string(ne0) + ", " +
+                         std::to_string(ne1) + "]");
+            if (matrix ? !matrix_type_ok(m->type) : m->type != GGML_TYPE_F32)
+                src.fail("tensor " + name + " has type " + ggml_type_name(m->type) + ", which the heads cannot use" +
+                         (matrix ? "" : " (biases are F32)"));
+            specs.push_back({name, src.path, offset, (uint64_t)ggml_nbytes(m), m->type, ne0, ne1});
+            return (int)specs.size() - 1;
+        };
+        w_idx.assign(n_heads, {});
+        b_idx.assign(n_heads, {});
+        out_idx.assign(n_heads, -1);
+        for (int i = 0; i < n_heads; ++i) {
+            for (int j = 0; j < n_layers; ++j) {
+                const std::string p = "medusa." + std::to_string(i) + ".res." + std::to_string(j);
+                w_idx[i].push_back(take(hf, p + ".weight", n_embd, n_embd, true));
+                b_idx[i].push_back(take(hf, p + ".bias", n_embd, 1, false));
+            }
+            if (!shared_output) out_idx[i] = take(hf, "medusa." + std::to_string(i) + ".output.weight", n_embd, n_vocab, true);
         }
+        if (shared_output) {
+            // "version 2" heads reuse the base lm_head: output.weight (or the tied embedding) of the model file.
+            GgufFile base(model_path, "model file");
+            const std::string name = gguf_find_tensor(base.g, "output.weight") >= 0 ? "output.weight" : "token_embd.weight";
+            const ggml_tensor *m = base.tensor(name).first;
+            if (m->ne[0] != n_embd || m->ne[1] != n_vocab)  // a heads fault: name the heads file first
+                hf.fail("made for an lm_head of [" + std::to_string(n_embd) + ", " + std::to_string(n_vocab) + "], but " + name +
+                        " of model file " + model_path + " is [" + std::to_string(m->ne[0]) + ", " + std::to_string(m->ne[1]) + "]");
+            const int idx = take(base, name, n_embd, n_vocab, true);
+            for (int i = 0; i < n_heads; ++i) out_idx[i] = idx;
+        }
+    }
 
-        // Backend: the GPU that holds the model's layers when offloading, else the CPU.
+    // The backend of the device that holds the model's layers when offloading, else the CPU.
+    //
+    // Ideally the device holding the model's output layer. llama.cpp's public API (llama.h and
+    // ggml-backend.h of this version) has no call that names the device of a model tensor (that is
+    // llama_model::dev_output(), internal C++), so with offloading this takes the first GPU: the right
+    // one with a single GPU; with several, llama.cpp's default layer split usually puts the output layer
+    // on the last one, and the hidden state then crosses devices once per step.
+    void init_backend(bool use_gpu) {
         if (use_gpu) {
             ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
             if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU);
             if (dev) backend = ggml_backend_dev_init(dev, nullptr);
         }
-        if (!backend) {
-            ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-            if (!dev) throw std::runtime_error("no CPU backend registered in ggml");
-            backend = ggml_backend_dev_init(dev, nullptr);
-            if (!backend) throw std::runtime_error("cannot initialise the CPU backend");
-        }
+        if (!backend) init_cpu_backend();
         backend_name = ggml_backend_name(backend);
-        {
-            // Through the registry, so this works whether the CPU backend is linked in or loaded dynamically.
-            ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(ggml_backend_get_device(backend));
-            auto set_threads = (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
-            if (set_threads) set_threads(backend, n_threads);
-        }
+    }
 
-        const int n_tensors = n_heads * (2 * n_layers + 1) + 1;
+    void init_cpu_backend() {
+        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (!dev) throw std::runtime_error("no CPU backend registered in ggml");
+        backend = ggml_backend_dev_init(dev, nullptr);
+        if (!backend) throw std::runtime_error("cannot initialise the CPU backend");
+        // Through the registry, so this works whether the CPU backend is linked in or loaded dynamically.
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+        auto set_threads = (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+        if (set_threads) set_threads(backend, n_threads);
+    }
+
+    // Create the weight tensors on `backend` and read their data from the files.
+    void upload() {
         ggml_init_params ip{};
-        ip.mem_size = ggml_tensor_overhead() * (size_t)n_tensors;
+        ip.mem_size = ggml_tensor_overhead() * specs.size();
         ip.no_alloc = true;
         wctx = ggml_init(ip);
         if (!wctx) throw std::runtime_error("ggml_init failed");
-
-        struct Pending {
-            ggml_tensor *t;
-            std::string file;
-            size_t offset;
-        };
-        std::vector<Pending> pending;
-        auto take = [&](gguf_context *src, ggml_context *src_meta, const std::string &src_path, const std::string &name,
-                        int64_t ne0, int64_t ne1) -> ggml_tensor * {
-            int64_t tid = gguf_find_tensor(src, name.c_str());
-            if (tid < 0) throw std::invalid_argument("heads file " + path + ": missing tensor " + name);
-            ggml_tensor *m = ggml_get_tensor(src_meta, name.c_str());
-            if (m->ne[0] != ne0 || m->ne[1] != ne1 || m->ne[2] != 1 || m->ne[3] != 1)
-                throw std::invalid_argument("heads file " + path + ": tensor " + name + " has shape [" + std::to_string(m->ne[0]) +
-                                            ", " + std::to_string(m->ne[1]) + "], expected [" + std::to_string(ne0) + ", " +
-                                            std::to_string(ne1) + "]");
-            ggml_tensor *t = ggml_new_tensor_2d(wctx, m->type, ne0, ne1);
-            ggml_set_name(t, name.c_str());
-            pending.push_back({t, src_path, gguf_get_data_offset(src) + gguf_get_tensor_offset(src, tid)});
-            return t;
-        };
-        w.assign(n_heads, {});
-        b.assign(n_heads, {});
-        w_out.assign(n_heads, nullptr);
-        for (int i = 0; i < n_heads; ++i) {
-            for (int j = 0; j < n_layers; ++j) {
-                const std::string p = "medusa." + std::to_string(i) + ".res." + std::to_string(j);
-                w[i].push_back(take(g, hf.meta, path, p + ".weight", n_embd, n_embd));
-                b[i].push_back(take(g, hf.meta, path, p + ".bias", n_embd, 1));
-            }
-            if (!shared_output) w_out[i] = take(g, hf.meta, path, "medusa." + std::to_string(i) + ".output.weight", n_embd, n_vocab);
-        }
-        std::unique_ptr<GgufFile> base;
-        if (shared_output) {
-            // "version 2" heads reuse the base lm_head: read output.weight (or the tied embedding) from the base GGUF.
-            base = std::make_unique<GgufFile>(model_path, "model file");
-            std::string name = gguf_find_tensor(base->g, "output.weight") >= 0 ? "output.weight" : "token_embd.weight";
-            ggml_tensor *t = take(base->g, base->meta, model_path, name, n_embd, n_vocab);
-            for (int i = 0; i < n_heads; ++i) w_out[i] = t;
+        for (const auto &s : specs) {
+            ggml_tensor *t = ggml_new_tensor_2d(wctx, s.type, s.ne0, s.ne1);
+            ggml_set_name(t, s.name.c_str());
+            weights.push_back(t);
         }
         wbuf = ggml_backend_alloc_ctx_tensors(wctx, backend);
         if (!wbuf) throw std::runtime_error("cannot allocate " + backend_name + " memory for the Medusa heads");
         std::vector<char> buf;
-        for (auto &pd : pending) {
-            FILE *f = fopen(pd.file.c_str(), "rb");
-            if (!f) throw std::invalid_argument("cannot open " + pd.file);
-            const size_t nb = ggml_nbytes(pd.t);
-            buf.resize(nb);
-            const bool ok = fseek(f, (long)pd.offset, SEEK_SET) == 0 && fread(buf.data(), 1, nb, f) == nb;
+        for (size_t i = 0; i < specs.size(); ++i) {
+            const WeightSpec &s = specs[i];
+            FILE *f = fopen(s.file.c_str(), "rb");
+            if (!f) throw std::invalid_argument("cannot open " + s.file);
+            buf.resize(s.nbytes);
+            const bool ok = fseeko(f, (off_t)s.offset, SEEK_SET) == 0 && fread(buf.data(), 1, s.nbytes, f) == s.nbytes;
             fclose(f);
-            if (!ok) throw std::invalid_argument("heads file " + pd.file + ": truncated while reading " + ggml_get_name(pd.t));
-            ggml_backend_tensor_set(pd.t, buf.data(), 0, nb);
+            if (!ok || ggml_nbytes(weights[i]) != s.nbytes)
+                throw std::invalid_argument("heads file " + s.file + ": truncated while reading " + s.name + " (did the file change?)");
+            ggml_backend_tensor_set(weights[i], buf.data(), 0, s.nbytes);
         }
+    }
+
+    // The first graph node the backend cannot run (its op name), or null. The test hook makes the
+    // first backend refuse one op by name, so the fallback runs on machines with a CPU only.
+    const char *unsupported_op() const {
+        for (int i = 0; i < ggml_graph_n_nodes(graph); ++i) {
+            ggml_tensor *node = ggml_graph_node(graph, i);
+            if (!on_fallback && !test_unsupported_op.empty() && test_unsupported_op == ggml_op_desc(node)) return ggml_op_desc(node);
+            if (!ggml_backend_supports_op(backend, node)) return ggml_op_desc(node);
+        }
+        return nullptr;
+    }
+
+    // Heads on a GPU never abort: a device that lacks an op of the heads graph (ggml_top_k over a large
+    // vocabulary on CUDA without CUB, a weight type without a kernel, ...) would abort inside
+    // ggml_backend_graph_compute. Then the whole heads graph moves to the CPU backend (weights reloaded
+    // there): one device for all of it, no per-op scheduling. Said once on stderr and in `backend`.
+    void fall_back_to_cpu(const std::string &op) {
+        const std::string first = backend_name;
+        release_graph();
+        release_weights();
+        ggml_backend_free(backend), backend = nullptr;
+        on_fallback = true;
+        init_cpu_backend();
+        backend_name = std::string(ggml_backend_name(backend)) + " (fallback: " + first + " lacks " + op + ")";
+        fprintf(stderr, "medusa_edge: the Medusa heads run on the CPU: %s cannot run %s\n", first.c_str(), op.c_str());
+        upload();
     }
 
     void build(int32_t k, int32_t n_used) {
         if (graph_k == k && graph_n == n_used) return;
-        if (galloc) ggml_gallocr_free(galloc), galloc = nullptr;
-        if (gctx) ggml_free(gctx), gctx = nullptr;
-        const size_t n_nodes = (size_t)n_heads * (4 * n_layers + 8) + 16;
+        release_graph();
+        // per head: 5 nodes per ResBlock (reshape of b, mul_mat, add, silu, add) and 6 after them
+        const size_t n_nodes = (size_t)n_heads * (6 * n_layers + 8) + 16;
         ggml_init_params ip{};
         ip.mem_size = ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false);
         ip.no_alloc = true;
         gctx = ggml_init(ip);
+        if (!gctx) throw std::runtime_error("ggml_init failed");
         graph = ggml_new_graph_custom(gctx, n_nodes, false);
         in_h = ggml_new_tensor_1d(gctx, GGML_TYPE_F32, n_embd);
         ggml_set_input(in_h);
@@ -683,13 +970,13 @@ struct Heads {
         for (int i = 0; i < n_used; ++i) {
             ggml_tensor *x = in_h;
             for (int j = 0; j < n_layers; ++j) {
-                ggml_tensor *y = ggml_add(gctx, ggml_mul_mat(gctx, w[i][j], x), ggml_reshape_1d(gctx, b[i][j], n_embd));
+                ggml_tensor *y = ggml_add(gctx, ggml_mul_mat(gctx, weights[w_idx[i][j]], x), ggml_reshape_1d(gctx, weights[b_idx[i][j]], n_embd));
                 x = ggml_add(gctx, x, ggml_silu(gctx, y));
             }
-            ggml_tensor *logits = ggml_mul_mat(gctx, w_out[i], x);        // [n_vocab, 1]
-            ggml_tensor *ids = ggml_top_k(gctx, logits, k);               // [k, 1] i32, in no particular order
-            ggml_tensor *probs = ggml_soft_max(gctx, logits);             // [n_vocab, 1]
-            ggml_tensor *rows = ggml_reshape_2d(gctx, probs, 1, n_vocab);  // one "row" per token
+            ggml_tensor *logits = ggml_mul_mat(gctx, weights[out_idx[i]], x);  // [n_vocab, 1]
+            ggml_tensor *ids = ggml_top_k(gctx, logits, k);                    // [k, 1] i32, in no particular order
+            ggml_tensor *probs = ggml_soft_max(gctx, logits);                  // [n_vocab, 1]
+            ggml_tensor *rows = ggml_reshape_2d(gctx, probs, 1, n_vocab);       // one "row" per token
             ggml_tensor *top = ggml_get_rows(gctx, rows, ggml_reshape_1d(gctx, ids, k));  // [1, k]
             ggml_set_output(ids);
             ggml_set_output(top);
@@ -697,6 +984,12 @@ struct Heads {
             ggml_build_forward_expand(graph, top);
             out_ids.push_back(ids);
             out_probs.push_back(top);
+        }
+        if (const char *op = unsupported_op()) {
+            if (on_fallback) throw std::runtime_error("Medusa heads: the CPU backend cannot run " + std::string(op));
+            fall_back_to_cpu(op);
+            build(k, n_used);  // once more, on the CPU (on_fallback stops a second fallback)
+            return;
         }
         galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
         if (!ggml_gallocr_alloc_graph(galloc, graph)) throw std::runtime_error("cannot allocate the Medusa heads' compute graph");
@@ -726,6 +1019,11 @@ struct Heads {
         for (int i = 0; i < n_used; ++i) {
             ggml_backend_tensor_get(out_ids[i], id.data(), 0, sizeof(int32_t) * k);
             ggml_backend_tensor_get(out_probs[i], pr.data(), 0, sizeof(float) * k);
+            for (int32_t t : id)
+                if (t < 0 || t >= n_vocab) throw std::runtime_error("Medusa heads: " + backend_name + " returned token id " + std::to_string(t));
+            // NaN (damaged weights) ranks last: std::sort needs a strict weak order, or it may run off the array
+            for (float &p : pr)
+                if (std::isnan(p)) p = -1.0f;
             // rank order: probability descending, lower id first on ties
             for (int j = 0; j < k; ++j) order[j] = j;
             std::sort(order.begin(), order.end(), [&](int a, int b) { return pr[a] > pr[b] || (pr[a] == pr[b] && id[a] < id[b]); });
@@ -771,8 +1069,8 @@ PYBIND11_MODULE(_native, m) {
 
 
     py::class_<Model, std::shared_ptr<Model>>(m, "Model")
-        .def(py::init<const std::string &, int, bool>(), py::arg("path"), py::arg("n_gpu_layers") = 0,
-             py::arg("vocab_only") = false)
+        .def(py::init<const std::string &, int, bool, bool>(), py::arg("path"), py::arg("n_gpu_layers") = 0,
+             py::arg("vocab_only") = false, py::kw_only(), py::arg("use_extra_bufts"))
         .def_property_readonly("n_vocab", [](const Model &s) { return llama_vocab_n_tokens(s.vocab); })
         .def_property_readonly("n_embd", [](const Model &s) { return llama_model_n_embd_out(s.model); })
         .def_property_readonly("n_ctx_train", [](const Model &s) { return llama_model_n_ctx_train(s.model); })
@@ -801,10 +1099,13 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_leaves", &TreeShape::n_leaves);
 
     py::class_<Context>(m, "Context")
-        .def(py::init<std::shared_ptr<Model>, int, int, int, int, bool, bool>(), py::arg("model"), py::arg("n_ctx"),
+        .def(py::init<std::shared_ptr<Model>, int, int, int, int, bool, int, int>(), py::arg("model"), py::arg("n_ctx"),
              py::arg("n_batch"), py::arg("n_threads"), py::arg("n_seq_max"), py::arg("f32_kv") = false,
-             py::arg("flash_attn") = false)
+             py::arg("flash_attn") = -1, py::arg("n_ubatch") = 0)
+        .def_property_readonly("n_ubatch", [](const Context &c) { return (int)llama_n_ubatch(c.ctx); })
         .def_readonly("n_ctx", &Context::n_ctx)
+        .def_readonly("flash_attn", &Context::flash_attn)
+        .def_readonly("epoch", &Context::epoch)
         .def_readonly("n_batch", &Context::n_batch)
         .def_readonly("n_seq_max", &Context::n_seq_max)
         .def("prefill", &Context::prefill, py::arg("tokens"), py::arg("n_past"), py::arg("hidden") = true)
@@ -829,6 +1130,11 @@ PYBIND11_MODULE(_native, m) {
         .def("accept", &Sampler::accept, py::arg("token"))
         .def("reset", &Sampler::reset);
 
+    m.def("gguf_metadata", [](const std::string &path, const std::string &what) { return GgufFile(path, what).to_python(); },
+          py::arg("path"), py::arg("what") = "GGUF file",
+          "A GGUF file's key/values and tensor table, read by ggml's size-bounded gguf reader (no tensor data). "
+          "Raises ValueError naming the file for anything unreadable.");
+
     py::class_<Heads>(m, "Heads")
         .def(py::init<const std::string &, const std::string &, int, bool>(), py::arg("path"), py::arg("model_path"),
              py::arg("n_threads"), py::arg("use_gpu") = false)
@@ -838,6 +1144,7 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_vocab", &Heads::n_vocab)
         .def_readonly("shared_output", &Heads::shared_output)
         .def_readonly("backend", &Heads::backend_name)
+        .def_readonly("on_fallback", &Heads::on_fallback)
         .def("propose", &Heads::propose, py::arg("ctx"), py::arg("row"), py::arg("top_k"), py::arg("n_heads_used") = -1)
         .def("propose_hidden", &Heads::propose_hidden, py::arg("hidden"), py::arg("top_k"), py::arg("n_heads_used") = -1);
 }

@@ -21,6 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from convert.cli import main as convert_main  # noqa: E402
 from medusa_edge import schema  # noqa: E402
+from medusa_edge.hwguard import llama_cpp_llama  # noqa: E402
 
 H, N_LAYER, N_HEAD, N_KV, N_FF = 64, 2, 4, 2, 128
 PROMPTS = [
@@ -183,7 +184,7 @@ def tensor(r, name) -> np.ndarray:
 def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=256, logits_all=True, type_k=0, type_v=0, flash_attn=False,
+    llm = llama_cpp_llama(str(path), n_ctx=256, n_batch=256, logits_all=True, type_k=0, type_v=0, flash_attn=False,
                           n_threads=1, verbose=False, seed=0)
     try:
         llm.reset()
@@ -306,9 +307,9 @@ def test_medusa1_heads_roundtrip(tmp_path, llama_dir, fmt, dtype, head_type):
     stem = f"{base.name}-F16"
     _check_heads(out / f"{stem}.medusa.gguf", sd, "", 5, 1, head_type)
     # the fingerprint is the one llama.cpp computes from the converted base
-    from medusa_edge._loader import native
+    from medusa_edge.hwguard import load_model
 
-    m = native.Model(str(out / f"{stem}.gguf"), vocab_only=True)
+    m = load_model(str(out / f"{stem}.gguf"), vocab_only=True)
     assert field(read_gguf(out / f"{stem}.medusa.gguf"), schema.KEY_BASE_VOCAB_HASH) == f"{m.vocab_fingerprint():016x}"
 
 

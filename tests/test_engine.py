@@ -6,8 +6,13 @@ import llama_cpp
 
 from medusa_edge import Engine, Medusa, SamplingParams, Stats, Tree
 from medusa_edge.testing import _WORDS
+from medusa_edge.exactness import llama_cpp_baseline
 
 GREEDY = SamplingParams(temperature=0.0)
+# The f32 random-weight models check the algorithm to f32 rounding, with a near-tie allowance:
+# flash attention off (its f16 path rounds more on f32 weights). Bit-exactness on quantized
+# models, flash attention on, is tests/test_exact.py's subject.
+F32 = dict(flash_attn=False, exact=False)
 TIE_EPS = 0.02  # a divergence is excused only where the baseline's top-2 logits are this close
 
 
@@ -43,12 +48,12 @@ def oracle(truth, rng=None, p_right=1.0, right_depths=None):
 
 @pytest.fixture(scope="module")
 def plain(models):
-    return Engine(models["f32"].path, tree="chain:0", n_ctx=512)
+    return Engine(models["f32"].path, tree="chain:0", n_ctx=512, **F32)
 
 
 @pytest.fixture(scope="module")
 def tree_engine(models):
-    return Engine(models["f32"].path, models["f32_heads"].path, tree="mc_sim_7b_63", n_ctx=512)
+    return Engine(models["f32"].path, models["f32_heads"].path, tree="mc_sim_7b_63", n_ctx=512, **F32)
 
 
 # -- tree attention ------------------------------------------------------------------------------
@@ -56,8 +61,10 @@ def tree_engine(models):
 
 def test_tree_logits_equal_sequential_paths(models):
     """One decode of a 64-node tree = decoding each node's path alone (f32 weights and KV)."""
-    e = Engine(models["f32"].path, models["f32_heads"].path, tree="mc_sim_7b_63", n_ctx=256, f32_kv=True)
-    seq = Engine(models["f32"].path, tree="chain:0", n_ctx=256, f32_kv=True)
+    # the mask's semantics, to f32 rounding: flash attention off (its f16 path rounds more)
+    kw = dict(n_ctx=256, f32_kv=True, flash_attn=False, exact=False)
+    e = Engine(models["f32"].path, models["f32_heads"].path, tree="mc_sim_7b_63", **kw)
+    seq = Engine(models["f32"].path, tree="chain:0", **kw)
     prompt = e.model.tokenize("the water is very old and", True, False)
     rng = np.random.default_rng(0)
     tree, shape = e._shape(e.tree.max_depth, 64)
@@ -102,7 +109,7 @@ def top2_gap(seq_engine, ids):
 def test_greedy_lossless_vs_llama_cpp_python(models, plain, tree_engine, capsys):
     """20 prompts x 128 tokens: the 64-node tree (random heads, and a noisy oracle that makes
     acceptance happen on many branches) gives llama-cpp-python's greedy tokens."""
-    base = llama_cpp.Llama(models["f32"].path, n_ctx=512, verbose=False)
+    base = llama_cpp_baseline(tree_engine, n_ctx=512)
     rng = np.random.default_rng(1)
     ties = compared = 0
     accepted = Stats()
@@ -135,8 +142,8 @@ def test_greedy_lossless_vs_llama_cpp_python(models, plain, tree_engine, capsys)
 
 def test_greedy_text_equals_llama_cpp_python(models):
     """Through the public API (tokenization, detokenization, dict shapes)."""
-    base = llama_cpp.Llama(models["f32"].path, n_ctx=512, verbose=False)
-    med = Medusa(models["f32"].path, models["f32_heads"].path, n_ctx=512, tree="chain:4")
+    med = Medusa(models["f32"].path, models["f32_heads"].path, n_ctx=512, tree="chain:4", **F32)
+    base = llama_cpp_baseline(med.engine, n_ctx=512)
     for text in prompts(4, seed=5):
         a = med.create_completion(text, max_tokens=48, temperature=0)
         b = base.create_completion(text, max_tokens=48, temperature=0, repeat_penalty=1.0)
@@ -154,7 +161,7 @@ def test_greedy_text_equals_llama_cpp_python(models):
 @pytest.mark.parametrize("right_depths,expect", [(None, 4), (0, 0), (2, 2), (3, 3)])
 def test_forced_accept_patterns(models, plain, right_depths, expect):
     """Chain of 4 with candidates right for the first k depths: every full step accepts exactly k."""
-    e = Engine(models["f32"].path, tree="chain:4", n_ctx=512)
+    e = Engine(models["f32"].path, tree="chain:4", n_ctx=512, **F32)
     p = e.model.tokenize("people were going home", True, False)
     truth = ids_of(plain, p, GREEDY, 101)
     st = Stats()
@@ -189,8 +196,8 @@ def test_exact_sampling_lossless(models, plain, tree_engine, seed, temperature):
 
 def test_sampling_matches_llama_cpp_python(models):
     """The sampler chain has llama-cpp-python's order: same seed, same text (plain decoding)."""
-    base = llama_cpp.Llama(models["f32"].path, n_ctx=512, verbose=False)
-    med = Medusa(models["f32"].path, n_ctx=512, tree="chain:0")
+    med = Medusa(models["f32"].path, n_ctx=512, tree="chain:0", **F32)
+    base = llama_cpp_baseline(med.engine, n_ctx=512)
     same = 0
     for seed in range(1, 6):
         a = med.create_completion("Once upon a time", max_tokens=24, temperature=0.8, seed=seed)["choices"][0]["text"]
@@ -213,7 +220,7 @@ def test_typical_acceptance_is_opt_in_and_runs(models, tree_engine):
 
 
 def test_max_tokens_exact_inside_accepted_path(models, plain):
-    e = Engine(models["f32"].path, tree="chain:4", n_ctx=512)
+    e = Engine(models["f32"].path, tree="chain:4", n_ctx=512, **F32)
     p = e.model.tokenize("along the", True, False)
     truth = ids_of(plain, p, GREEDY, 40)
     for n in (1, 2, 7, 13):
@@ -226,7 +233,7 @@ def test_eos_inside_accepted_path(tmp_path, models):
     from medusa_edge.testing import write_llama_gguf
 
     text = "because the"
-    probe = Engine(models["f32"].path, tree="chain:0", n_ctx=512)
+    probe = Engine(models["f32"].path, tree="chain:0", n_ctx=512, **F32)
     p = probe.model.tokenize(text, True, False)
     truth = ids_of(probe, p, GREEDY, 40)
     eos = truth[9]
@@ -239,11 +246,11 @@ def test_eos_inside_accepted_path(tmp_path, models):
     r = gguf.GGUFReader(path)
     assert r.get_field("tokenizer.ggml.eos_token_id").contents() == 2
     _rewrite_eos(path, str(tmp_path / "eos2.gguf"), eos)
-    e = Engine(str(tmp_path / "eos2.gguf"), tree="chain:4", n_ctx=512)
+    e = Engine(str(tmp_path / "eos2.gguf"), tree="chain:4", n_ctx=512, **F32)
     got = ids_of(e, p, GREEDY, 40, proposer=oracle(truth))
     assert got == truth[: first + 1]
-    med = Medusa(str(tmp_path / "eos2.gguf"), n_ctx=512, tree="chain:4")
-    base = llama_cpp.Llama(str(tmp_path / "eos2.gguf"), n_ctx=512, verbose=False)
+    med = Medusa(str(tmp_path / "eos2.gguf"), n_ctx=512, tree="chain:4", **F32)
+    base = llama_cpp_baseline(med.engine, n_ctx=512)
     a = med.create_completion(text, max_tokens=40, temperature=0, proposer=oracle(truth))
     b = base.create_completion(text, max_tokens=40, temperature=0, repeat_penalty=1.0)
     assert a["choices"][0]["text"] == b["choices"][0]["text"]
@@ -264,8 +271,8 @@ def _rewrite_eos(src, dst, eos):
 
 
 def test_stop_string_inside_accepted_path(models):
-    base = llama_cpp.Llama(models["f32"].path, n_ctx=512, verbose=False)
-    med = Medusa(models["f32"].path, n_ctx=512, tree="chain:4")
+    med = Medusa(models["f32"].path, n_ctx=512, tree="chain:4", **F32)
+    base = llama_cpp_baseline(med.engine, n_ctx=512)
     text = "the water"
     full = base.create_completion(text, max_tokens=40, temperature=0, repeat_penalty=1.0)["choices"][0]["text"]
     stop = full[10:13]
@@ -281,7 +288,7 @@ def test_stop_string_inside_accepted_path(models):
 
 def test_tree_shrinks_at_context_end(models, plain):
     """Near n_ctx the tree is cut to fit; the output runs to the last slot with finish 'length'."""
-    e = Engine(models["f32"].path, models["f32_heads"].path, tree="mc_sim_7b_63", n_ctx=64)
+    e = Engine(models["f32"].path, models["f32_heads"].path, tree="mc_sim_7b_63", n_ctx=64, **F32)
     n_ctx = e.n_ctx  # llama.cpp pads n_ctx up to a multiple of 256
     p = e.model.tokenize("keep the children together", True, False)
     truth = ids_of(plain, p, GREEDY, n_ctx - len(p))
@@ -293,13 +300,13 @@ def test_tree_shrinks_at_context_end(models, plain):
     got = ids_of(e, p, GREEDY, 10_000, proposer=oracle(truth), stats=st)
     assert got == truth
     assert st.accepted_hist[4] > 10  # full-depth steps happened, and the final ones were cut down
-    med = Medusa(models["f32"].path, models["f32_heads"].path, n_ctx=64, tree="mc_sim_7b_63")
+    med = Medusa(models["f32"].path, models["f32_heads"].path, n_ctx=64, tree="mc_sim_7b_63", **F32)
     r = med.create_completion("keep the children together", max_tokens=None, temperature=0)
     assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["total_tokens"] == n_ctx
 
 
 def test_closing_stream_midway_leaves_object_ready(models):
-    med = Medusa(models["f32"].path, models["f32_heads"].path, n_ctx=512, tree="mc_sim_7b_63")
+    med = Medusa(models["f32"].path, models["f32_heads"].path, n_ctx=512, tree="mc_sim_7b_63", **F32)
     full = med.create_completion("the old house", max_tokens=40, temperature=0)["choices"][0]["text"]
     it = med.create_completion("a different prompt entirely", max_tokens=40, temperature=0, stream=True)
     next(it), next(it)
@@ -309,7 +316,7 @@ def test_closing_stream_midway_leaves_object_ready(models):
 
 
 def test_statistics_shape(models):
-    med = Medusa(models["f32"].path, models["f32_heads"].path, n_ctx=512)
+    med = Medusa(models["f32"].path, models["f32_heads"].path, n_ctx=512, **F32)
     r = med.create_completion("the", max_tokens=20, temperature=0)
     s = r["medusa"]
     assert s["generated_tokens"] == r["usage"]["completion_tokens"] == 20
@@ -320,14 +327,14 @@ def test_statistics_shape(models):
 
 def test_adaptive_depth_is_lossless(models, plain):
     """adaptive=True: the depth is chosen per step from measured costs; the output is unchanged."""
-    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, adaptive=True)
+    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, adaptive=True, **F32)
     assert e.adaptive and len(e._costs) == e.tree.max_depth + 1 and all(c > 0 for c in e._costs)
     p = e.model.tokenize("between the school and the river", True, False)
     truth = ids_of(plain, p, GREEDY, 80)
     st = Stats()
     assert ids_of(e, p, GREEDY, 80, stats=st) == truth
     assert st.depth_policy is not None and st.depth_policy.steps == st.steps - 1  # the first step is root-only
-    assert not Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512).adaptive
+    assert not Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, **F32).adaptive
 
 
 def test_default_tree_is_small_on_cpu(models, tmp_path):

@@ -1,0 +1,136 @@
+"""The batch-invariant region of a model on this device, measured (docs/exactness.md).
+
+Medusa's output equals plain decoding's bit for bit when every row of a verify batch is computed
+exactly as a one-token decode computes it. Whether llama.cpp does so depends on the backend, the
+weight types and the batch size, and not monotonically on anything one can read from the file
+(measured on this CPU with flash attention: Q4_0/Q4_1/Q5_0/Q8_0 exact up to 63 rows, where
+ggml-cpu switches to its tiled flash-attention kernel; Q4_K_M up to 25, Q6_K and Q5_K_M from 4 to
+32 depending on the model; F16, F32 and IQ4_NL at no batch size above 1). So it is measured: a
+random chain of up to 63 tokens is decoded one token per ``llama_decode`` and then in one batch,
+for each candidate size from the largest down, and the largest size whose every row matches bit
+for bit is the model's exact batch on this device. The answer is cached on disk per model file,
+device, build and settings, so a model pays the probe (63 one-token decodes) once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from typing import Optional
+
+import numpy as np
+
+from ._loader import native
+
+CANDIDATES = (63, 48, 32, 24, 16, 8, 4, 2)
+N_PROBE_PROMPT = 16
+
+_lock = threading.Lock()
+
+
+def _cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "medusa-edge", "exact-batch.json")
+
+
+def _file_id(path: str) -> str:
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > (2 << 20):
+            f.seek(st.st_size - (1 << 20))
+            h.update(f.read(1 << 20))
+    return f"{st.st_size}:{h.hexdigest()[:32]}"
+
+
+def cache_key(model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool, n_gpu_layers: int) -> str:
+    import llama_cpp
+
+    from .hwguard import use_extra_bufts
+
+    parts = [
+        _file_id(model_path), f"threads={n_threads}", f"fa={int(flash_attn)}", f"f32kv={int(f32_kv)}", f"ngl={n_gpu_layers}",
+        f"extra_bufts={int(use_extra_bufts())}", f"llama_cpp_python={llama_cpp.__version__}", native.system_info(),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def probe(model, *, n_threads: int, flash_attn: int, f32_kv: bool, max_batch: int = CANDIDATES[0],
+          seed: int = 0) -> tuple[int, bool]:
+    """(the largest batch size from CANDIDATES, at most ``max_batch``, at which every row of one
+    batched decode equals, bit for bit, the same tokens decoded one at a time, or 1 if none;
+    whether flash attention was on). ``flash_attn``: 1 on, 0 off, -1 llama.cpp's auto."""
+    sizes = [b for b in CANDIDATES if b <= max_batch]
+    n = sizes[0] if sizes else 1
+    ctx = native.Context(model, N_PROBE_PROMPT + n + 8, max(n, N_PROBE_PROMPT), n_threads, 1, f32_kv, flash_attn, 0)
+    if not sizes:
+        return 1, bool(ctx.flash_attn)
+    rng = np.random.default_rng(seed)
+    prompt = [int(t) for t in rng.integers(0, model.n_vocab, N_PROBE_PROMPT)]
+    chain = rng.integers(0, model.n_vocab, n).astype(np.int32)
+    one = native.TreeShape([0], [[0]])
+    ctx.truncate(0)
+    ctx.prefill(prompt, 0, False)
+    single = []
+    for i in range(n):
+        ctx.decode_tree(one, chain[i : i + 1], N_PROBE_PROMPT + i)
+        single.append(ctx.logits(0))
+    for b in sizes:
+        ctx.truncate(N_PROBE_PROMPT)
+        ctx.decode_tree(native.TreeShape(list(range(b)), [[0]] * b), chain[:b], N_PROBE_PROMPT)
+        if all(np.array_equal(ctx.logits(r), single[r]) for r in range(b)):
+            return b, bool(ctx.flash_attn)
+    return 1, bool(ctx.flash_attn)
+
+
+def exact_batch(model, model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool, n_gpu_layers: int,
+                use_cache: bool = True) -> tuple[int, bool]:
+    """``probe`` for this model and device, through the on-disk cache."""
+    key = cache_key(model_path, n_threads=n_threads, flash_attn=flash_attn, f32_kv=f32_kv, n_gpu_layers=n_gpu_layers)
+    path = _cache_path()
+    with _lock:
+        table: dict = {}
+        if use_cache:
+            try:
+                with open(path) as f:
+                    table = json.load(f)
+                hit = table.get(key)
+                if isinstance(hit, list) and len(hit) == 2:
+                    return int(hit[0]), bool(hit[1])
+            except (OSError, ValueError, AttributeError, TypeError):
+                table = {}
+        b, fa = probe(model, n_threads=n_threads, flash_attn=flash_attn, f32_kv=f32_kv)
+        if use_cache:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                table = table if isinstance(table, dict) else {}
+                table[key] = [b, fa]
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump(table, f)
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only home: probe again next time
+        return b, fa
+
+
+def first_divergence(a: list, b: list) -> Optional[int]:
+    """Index of the first differing token of two sequences (or of the shorter's end), None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def llama_cpp_baseline(engine, **kwargs):
+    """llama-cpp-python's ``Llama`` on the engine's GGUF with the settings that decide its
+    numerics (flash attention, micro-batch size, AMX guard), so its greedy text is the plain
+    decoding the engine promises to equal. ``kwargs`` go to ``Llama`` (n_ctx, seed, ...)."""
+    from .hwguard import llama_cpp_llama
+
+    kw = dict(flash_attn=engine.flash_attn, n_batch=engine.ctx.n_batch, n_ubatch=engine.ctx.n_ubatch, verbose=False)
+    kw.update(kwargs)
+    return llama_cpp_llama(engine.model_path, **kw)

@@ -1,0 +1,167 @@
+"""Issue 8: bit-exact Medusa on quantized models. Greedy and seeded output identical to plain
+decoding, token for token; the verify batch computes every row bit for bit as a one-token decode."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert.base import quantize_gguf
+from medusa_edge import Engine, SamplingParams, Stats
+from medusa_edge.demo import demo_model_path
+from medusa_edge.exactness import first_divergence, llama_cpp_baseline, probe
+from medusa_edge.testing import _WORDS, write_llama_gguf, write_random_heads
+
+N_PROMPTS, N_TOKENS = 20, 128
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def quant_models(tmp_path_factory):
+    """A random-weight Llama quantized by llama.cpp's own quantizer, with random heads."""
+    d = tmp_path_factory.mktemp("quant")
+    src = write_llama_gguf(str(d / "base-f32.gguf"), n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256, seed=3)
+    out = {}
+    for q in ("Q4_0", "Q8_0"):
+        p = d / f"base-{q}.gguf"
+        quantize_gguf(Path(src.path), p, q)
+        write_random_heads(str(d / f"base-{q}.medusa.gguf"), src, n_heads=4, seed=5, head_type="f32")
+        out[q] = str(p)
+    return out
+
+
+def prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(_WORDS, size=int(rng.integers(3, 14)))) for _ in range(n)]
+
+
+def run(engine, ids, params, n, proposer=None, stats=None):
+    out = []
+    for new in engine.generate(ids, params, n, proposer=proposer, stats=stats, reuse_prefix=False):
+        out.extend(new)
+    return out
+
+
+def truth_proposer(truth, rng, p_right, max_rank):
+    """Head d's rank-r guess (r drawn from 0..max_rank) is the true future token with probability
+    p_right; other ranks hold wrong tokens. Accepted nodes then sit off the tree's first chain."""
+
+    def propose(generated, n_heads, k):
+        out = (np.arange(n_heads * k).reshape(n_heads, k) * 7 + len(generated) * 13) % 500 + 3
+        for d in range(n_heads):
+            i = len(generated) + d
+            if i < len(truth) and rng.random() < p_right:
+                out[d, int(rng.integers(0, min(k, max_rank + 1)))] = truth[i]
+        return out.astype(np.int32)
+
+    return propose
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q8_0"])
+def test_exact_region_is_measured(quant_models, quant):
+    e = Engine(quant_models[quant], n_ctx=256, tree="chain:0")
+    assert e.flash_attn and e.exact_batch == 63  # ggm-cpu's tiled flash attention starts at 64 rows
+    assert e.ctx.n_ubatch == 63
+
+
+@pytest.mark.parametrize("quant,tree", [("Q4_0", "chain:4"), ("Q8_0", "mc_sim_7b_63"), ("Q4_0", "mc_sim_7b_63")])
+def test_greedy_identical_to_plain_decoding(quant_models, quant, tree, capsys):
+    """20 prompts x 128 tokens, with a proposer that is often right (at ranks 0-2, so accepted
+    paths leave the first chain and the cache gets holes) and one that is rarely right."""
+    path = quant_models[quant]
+    plain = Engine(path, tree="chain:0", n_ctx=512)
+    med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree=tree, n_ctx=512)
+    assert med.tree.n_nodes <= med.exact_batch
+    base = llama_cpp_baseline(plain, n_ctx=512)
+    rng = np.random.default_rng(0)
+    often, rarely = Stats(), Stats()
+    for text in prompts(N_PROMPTS):
+        ids = plain.model.tokenize(text, True, False)
+        ref = run(plain, ids, GREEDY, N_TOKENS)
+        lcp = []
+        for t in base.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
+            lcp.append(t)
+            if len(lcp) == N_TOKENS or plain.model.is_eog(t):
+                break
+        assert lcp == ref, f"plain decoding differs from llama-cpp-python at {first_divergence(lcp, ref)}"
+        for p_right, st in ((0.9, often), (0.1, rarely)):
+            got = run(med, ids, GREEDY, N_TOKENS, proposer=truth_proposer(ref, rng, p_right, 2), stats=st)
+            assert got == ref, f"{quant} {tree}: diverged at token {first_divergence(got, ref)} of {text!r}"
+    with capsys.disabled():
+        print(f"\n[exact {quant} {tree}] {N_PROMPTS}x{N_TOKENS} identical; tokens/step often {often.tokens_per_step:.2f}, "
+              f"rarely {rarely.tokens_per_step:.2f}")
+    assert often.tokens_per_step > 2.0 and rarely.tokens_per_step < 1.5
+
+
+def test_seeded_sampling_identical_to_plain_decoding(quant_models):
+    path = quant_models["Q8_0"]
+    plain = Engine(path, tree="chain:0", n_ctx=512)
+    med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="chain:4", n_ctx=512)
+    rng = np.random.default_rng(1)
+    st = Stats()
+    for i, text in enumerate(prompts(10, seed=1)):
+        params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=100 + i)
+        ids = plain.model.tokenize(text, True, False)
+        ref = run(plain, ids, params, N_TOKENS)
+        got = run(med, ids, params, N_TOKENS, proposer=truth_proposer(ref, rng, 0.9, 0), stats=st)
+        assert got == ref, f"diverged at token {first_divergence(got, ref)}"
+    assert st.tokens_per_step > 2.0
+
+
+def test_demo_model_greedy_identical(capsys):
+    path = demo_model_path()
+    plain = Engine(path, tree="chain:0", n_ctx=512)
+    med = Engine(path, path.replace(".gguf", ".medusa.gguf"), n_ctx=512)
+    st = Stats()
+    for q in ["What colour is the sky?", "Tell me a story about a fox.", "What is 3 plus 4?", "Name three animals."]:
+        ids = plain.model.tokenize(f"USER: {q}\nASSISTANT:", True, True)
+        ref = run(plain, ids, GREEDY, N_TOKENS)
+        assert run(med, ids, GREEDY, N_TOKENS, stats=st) == ref
+    assert st.tokens_per_step > 1.5
+
+
+def _tree_rows_vs_paths(path, flash_attn, exact):
+    """Max |logit difference| between each node of one 63-node tree decode and the same node's path
+    decoded one token at a time."""
+    e = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=256, flash_attn=flash_attn, exact=exact)
+    seq = Engine(path, tree="chain:0", n_ctx=256, flash_attn=flash_attn, exact=exact)
+    rng = np.random.default_rng(2)
+    prompt = e.model.tokenize("the water is very old and", True, False)
+    tree, shape = e._shape(e.tree.max_depth, 63)
+    tokens = rng.integers(3, e.model.n_vocab, size=tree.n_nodes).astype(np.int32)
+    e.ctx.truncate(0)
+    e.ctx.prefill(prompt, 0, False)
+    e.ctx.decode_tree(shape, tokens, len(prompt))
+    worst = 0.0
+    for node in range(tree.n_nodes):
+        seq.ctx.truncate(0)
+        seq.ctx.prefill(prompt, 0, False)
+        for i, j in enumerate(tree.path_to(node)):
+            seq.ctx.decode_tree(seq._shape(0, 1)[1], tokens[j : j + 1], len(prompt) + i)
+        worst = max(worst, float(np.abs(e.ctx.logits(node) - seq.ctx.logits(0)).max()))
+    return worst
+
+
+def test_tree_rows_bit_identical_and_the_check_can_tell(quant_models):
+    """With flash attention every node's logits equal its path's one-token decodes exactly; with
+    it off (outside the exact region) the same check sees differences: the tests can tell."""
+    assert _tree_rows_vs_paths(quant_models["Q8_0"], flash_attn=True, exact=True) == 0.0
+    assert _tree_rows_vs_paths(quant_models["Q8_0"], flash_attn=False, exact=False) > 0.0
+
+
+def test_probe_cache_and_f32(quant_models, models, tmp_path, monkeypatch):
+    """The probe's answer is cached per model file and settings; f32 weights have no exact region
+    on the CPU (their batched matmul rounds differently), which the engine says once at load."""
+    from medusa_edge import exactness
+    from medusa_edge.hwguard import load_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    m = load_model(quant_models["Q4_0"])
+    kw = dict(n_threads=2, flash_attn=1, f32_kv=False, n_gpu_layers=0)
+    assert exactness.exact_batch(m, quant_models["Q4_0"], **kw) == (63, True)
+    assert (tmp_path / "medusa-edge" / "exact-batch.json").is_file()
+    calls = []
+    monkeypatch.setattr(exactness, "probe", lambda *a, **k: calls.append(1) or (1, True))
+    assert exactness.exact_batch(m, quant_models["Q4_0"], **kw) == (63, True) and not calls
+    f32 = load_model(models["f32"].path)
+    assert probe(f32, n_threads=2, flash_attn=1, f32_kv=False)[0] == 1
