@@ -16,7 +16,7 @@ import os
 import time
 
 from medusa_edge import Engine, SamplingParams, Stats
-from medusa_edge.api import prompt_tokens, render_chat
+from medusa_edge.api import chat_prompt_tokens, prompt_tokens
 
 
 def load_prompts(path: str, limit: int | None) -> list[str]:
@@ -73,8 +73,9 @@ def main():
     plain = Engine(args.model, tree="chain:0", n_ctx=args.n_ctx, n_threads=args.threads)
     texts = load_prompts(args.prompts, args.limit)
     if args.chat:
-        texts = [render_chat(plain.model, [{"role": "user", "content": t}]) for t in texts]
-    prompts = [prompt_tokens(plain.model, t) for t in texts]
+        prompts = [chat_prompt_tokens(plain.model, [{"role": "user", "content": t}]) for t in texts]
+    else:
+        prompts = [prompt_tokens(plain.model, t) for t in texts]
     params = SamplingParams(temperature=args.temp, seed=1234)
     base_out, base_st, base_t = run(plain, prompts, params, args.max_tokens)
     base_tps = base_st.n_generated / base_t

@@ -15,6 +15,8 @@ import time
 import uuid
 from typing import Iterator, Optional, Sequence, Union
 
+import numpy as np
+
 from . import chat_template, schema
 from .engine import Engine, Proposer, SamplingParams, Stats
 
@@ -75,6 +77,18 @@ def prompt_tokens(model, prompt: Union[str, Sequence[int]]) -> list[int]:
     return [int(t) for t in prompt]
 
 
+def chat_prompt_tokens(model, messages: Sequence[dict], template: Optional[str] = None) -> list[int]:
+    """Token ids of a chat prompt exactly as llama-cpp-python's ``create_chat_completion`` builds
+    them: a jinja template is in charge of BOS (its text is tokenized with special tokens parsed and
+    nothing added: a template that emits ``bos_token`` gets one BOS, one that does not gets none);
+    the Vicuna fallback gets the model's BOS as a plain prompt does. ``model``: a native Model."""
+    text = render_chat(model, messages, template=template)
+    tmpl = template if template is not None else model.chat_template()
+    if tmpl:
+        return list(model.tokenize(text, False, True)) or [model.bos]
+    return prompt_tokens(model, text)
+
+
 def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True,
                 template: Optional[str] = None) -> str:
     """Render ``messages`` with ``template`` (default: the GGUF's tokenizer.chat_template) in a
@@ -110,8 +124,14 @@ class Medusa:
         f32_kv: bool = False,
         flash_attn: Optional[bool] = None,
         exact: bool = True,
+        chat_format: Optional[str] = None,
         verbose: bool = False,
     ):
+        if chat_format is not None and chat_format not in chat_template.FORMATS:
+            raise ValueError(f"unknown chat_format {chat_format!r}: use one of {', '.join(sorted(chat_template.FORMATS))} "
+                             "(or leave it unset for the GGUF's own template)")
+        # None: the GGUF's template (or Vicuna if it has none); "" forces the Vicuna fallback
+        self.chat_template: Optional[str] = None if chat_format is None else chat_template.FORMATS[chat_format]
         if model_path is None:
             from .demo import demo_model_path
 
@@ -161,59 +181,146 @@ class Medusa:
         return prompt_tokens(self.engine.model, prompt)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the GGUF's tokenizer.chat_template, or the Vicuna format."""
-        return render_chat(self.engine.model, messages, add_generation_prompt)
+        """Render ``messages`` with the chat format: ``chat_format`` given at construction, else the
+        GGUF's tokenizer.chat_template (sandboxed), else the Vicuna v1.1 format."""
+        return render_chat(self.engine.model, messages, add_generation_prompt, template=self.chat_template)
 
     # -- completion ------------------------------------------------------------------------------
     def create_completion(
         self,
         prompt: Union[str, Sequence[int]],
+        suffix: Optional[str] = None,
         max_tokens: Optional[int] = 16,
         temperature: float = 0.8,
-        top_k: int = 40,
         top_p: float = 0.95,
         min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        seed: Optional[int] = None,
+        typical_p: float = 1.0,
+        logprobs: Optional[int] = None,
+        echo: bool = False,
         stop: Union[str, Sequence[str], None] = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
         stream: bool = False,
+        seed: Optional[int] = None,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: Optional[str] = None,
+        stopping_criteria=None,
+        logits_processor=None,
+        grammar=None,
+        logit_bias=None,
         *,
         acceptance: str = "exact",
         proposer: Optional[Proposer] = None,
     ):
-        """Complete ``prompt``. Returns llama-cpp-python's completion dict, or with ``stream=True``
-        an iterator of its chunks. Both carry ``medusa`` statistics (the last chunk does)."""
-        if seed is None:  # llama-cpp-python's chaining: each call draws the next seed from the last
-            self._seed = seed = random.Random(self._seed).randint(0, 2**32)
-        params = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            repeat_penalty=repeat_penalty, seed=seed, acceptance=acceptance,
-        )
-        prompt_tokens = self._prompt_tokens(prompt)
+        """Complete ``prompt``, with ``llama_cpp.Llama.create_completion``'s parameters (same
+        positional order) and its dict or chunk shapes, plus a ``medusa`` statistics entry (on the
+        response, or on the last chunk). ``temperature == 0`` is greedy; ``< 0`` samples from the
+        penalised distribution with no truncation, as llama-cpp-python does. Parameters this engine
+        cannot honour raise ValueError naming them."""
+        _unsupported(suffix=(suffix, None), tfs_z=(tfs_z, 1.0), mirostat_mode=(mirostat_mode, 0),
+                     stopping_criteria=(stopping_criteria, None), logits_processor=(logits_processor, None),
+                     grammar=(grammar, None), logit_bias=(logit_bias, None))
+        if logprobs is not None and (not isinstance(logprobs, int) or logprobs < 0):
+            raise ValueError(f"logprobs must be a non-negative integer (top alternatives per token), got {logprobs!r}")
+        if echo and logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (the prompt's logits are not kept)")
+        params = self._params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                              presence_penalty, seed, acceptance)
+        prompt_ids = self._prompt_tokens(prompt)
         if max_tokens is None or max_tokens <= 0:
-            max_tokens = self.n_ctx() - len(prompt_tokens)
+            max_tokens = self.n_ctx() - len(prompt_ids)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        chunks = self._stream(prompt_tokens, params, max_tokens, stops, proposer)
+        prefix = prompt if echo and isinstance(prompt, str) else (
+            self.detokenize(prompt_ids).decode("utf-8", "ignore") if echo else "")
+        # logprobs' text_offset counts from the prompt's start, as in llama-cpp-python
+        offset = len(prompt) if isinstance(prompt, str) else len(self.detokenize(prompt_ids).decode("utf-8", "ignore"))
+        chunks = self._stream(prompt_ids, params, max_tokens, stops, proposer, logprobs, prefix, model or self.model_path,
+                              offset)
         if stream:
             return chunks
-        text, finish, last = [], None, None
-        for c in chunks:
-            text.append(c["choices"][0]["text"])
-            finish, last = c["choices"][0]["finish_reason"], c
-        return {
-            "id": last["id"], "object": "text_completion", "created": last["created"], "model": last["model"],
-            "choices": [{"text": "".join(text), "index": 0, "logprobs": None, "finish_reason": finish}],
-            "usage": last["usage"], "medusa": last["medusa"],
-        }
+        return _collect(chunks)
 
     __call__ = create_completion
 
-    def _stream(self, prompt_tokens, params, max_tokens, stops, proposer) -> Iterator[dict]:
-        cid, created, model = f"cmpl-{uuid.uuid4()}", int(time.time()), self.model_path
+    def create_chat_completion(
+        self,
+        messages: Sequence[dict],
+        functions=None,
+        function_call=None,
+        tools=None,
+        tool_choice=None,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        stream: bool = False,
+        stop: Union[str, Sequence[str], None] = None,
+        seed: Optional[int] = None,
+        response_format=None,
+        max_tokens: Optional[int] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: Optional[str] = None,
+        logits_processor=None,
+        grammar=None,
+        logit_bias=None,
+        logprobs: Optional[bool] = None,
+        top_logprobs: Optional[int] = None,
+        *,
+        acceptance: str = "exact",
+        proposer: Optional[Proposer] = None,
+    ):
+        """A chat turn, with ``llama_cpp.Llama.create_chat_completion``'s parameters and shapes:
+        the messages rendered with the chat format (the GGUF's template in a sandbox, ``chat_format``
+        given at construction, or Vicuna v1.1), then a completion. Streams a role delta, content
+        deltas, then ``finish_reason`` with ``usage`` and ``medusa`` on that last chunk."""
+        _unsupported(functions=(functions, None), function_call=(function_call, None), tools=(tools, None),
+                     tool_choice=(tool_choice, None), response_format=(response_format, None))
+        if top_logprobs is not None and not logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        ids = chat_prompt_tokens(self.engine.model, messages, self.chat_template)
+        n_logprobs = (top_logprobs or 0) if logprobs else None
+        out = self.create_completion(
+            ids, None, max_tokens, temperature, top_p, min_p, typical_p, n_logprobs, False, stop, frequency_penalty,
+            presence_penalty, repeat_penalty, top_k, stream, seed, tfs_z, mirostat_mode, mirostat_tau, mirostat_eta,
+            model, None, logits_processor, grammar, logit_bias, acceptance=acceptance, proposer=proposer,
+        )
+        return _chat_chunks(out) if stream else _chat_response(out)
 
-        def chunk(text, finish=None, extra=None):
+    def _params(self, temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty, presence_penalty,
+                seed, acceptance) -> SamplingParams:
+        for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
+                        ("repeat_penalty", repeat_penalty), ("frequency_penalty", frequency_penalty),
+                        ("presence_penalty", presence_penalty)):
+            if not isinstance(v, (int, float)) or v != v:
+                raise ValueError(f"{name} must be a number, got {v!r}")
+        if not isinstance(top_k, int):
+            raise ValueError(f"top_k must be an integer, got {top_k!r}")
+        if seed is None:  # llama-cpp-python's chaining: each call draws the next seed from the last
+            self._seed = seed = random.Random(self._seed).randint(0, 2**32)
+        return SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+            seed=int(seed), acceptance=acceptance,
+        )
+
+    def _stream(self, prompt_ids, params, max_tokens, stops, proposer, n_logprobs, prefix, model, offset) -> Iterator[dict]:
+        cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+
+        def chunk(text, finish=None, logprobs=None, extra=None):
             c = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                 "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
             if extra:
                 c.update(extra)
             return c
@@ -223,29 +330,146 @@ class Medusa:
         text = TextStream(stops)
         m = self.engine.model
         finish = "length"
-        n_completion = 0
-        gen = self.engine.generate(prompt_tokens, params, max_tokens, proposer=proposer, stats=stats)
+        tokens: list[int] = []  # returned candidates (EOG excluded)
+        ends: list[int] = []  # len(text.text) after each token: which tokens the returned text covers
+        rows: Optional[list] = [] if n_logprobs is not None else None
+        lp = _Logprobs(self, n_logprobs, offset) if n_logprobs is not None else None
+        gen = self.engine.generate(prompt_ids, params, max_tokens, proposer=proposer, stats=stats, logits_out=rows)
+        sent_tokens = 0
         try:
+            if prefix:
+                yield chunk(prefix)
             for new in gen:
-                piece = b""
+                out = []
                 for t in new:
                     if m.is_eog(t):
                         finish = "stop"
                         break
-                    n_completion += 1
-                    piece += m.token_to_piece(t, False)
-                out = text.push(piece)
-                if text.stopped:
-                    finish = "stop"
+                    tokens.append(t)
+                    out.append(text.push(m.token_to_piece(t, False)))
+                    ends.append(len(text.text))
+                    if text.stopped:
+                        finish = "stop"
+                        break
+                out = "".join(out)
                 if out:
-                    yield chunk(out)
-                if text.stopped or finish == "stop":
+                    n_cov = _covered(ends, text.sent)
+                    yield chunk(out, logprobs=lp.entries(tokens[sent_tokens:n_cov], rows[sent_tokens:n_cov]) if lp else None)
+                    sent_tokens = n_cov
+                if finish == "stop":
                     break
             tail = text.push(b"", final=True)
             if tail:
-                yield chunk(tail)
+                n_cov = _covered(ends, text.sent)
+                yield chunk(tail, logprobs=lp.entries(tokens[sent_tokens:n_cov], rows[sent_tokens:n_cov]) if lp else None)
+                sent_tokens = n_cov
         finally:
             gen.close()
-        usage = {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_completion,
-                 "total_tokens": len(prompt_tokens) + n_completion}
-        yield chunk("", finish, {"usage": usage, "medusa": stats.as_dict()})
+        n_completion = _covered(ends, text.sent) if text.stopped else len(tokens)
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": n_completion,
+                 "total_tokens": len(prompt_ids) + n_completion}
+        yield chunk("", finish, extra={"usage": usage, "medusa": stats.as_dict()})
+
+
+def _unsupported(**given) -> None:
+    for name, (value, default) in given.items():
+        if value is not None and value != default:
+            raise ValueError(f"{name} is not supported by medusa-edge (got {value!r})")
+
+
+def _covered(ends: list[int], n_chars: int) -> int:
+    """How many tokens contributed to the first ``n_chars`` characters of the text."""
+    n = 0
+    prev = 0
+    for e in ends:
+        if prev >= n_chars and e > prev:
+            break
+        n += 1
+        prev = e
+    return n
+
+
+class _Logprobs:
+    """llama-cpp-python's completion logprobs: per token its text, text offset, log-probability
+    and the top-N alternatives (log-softmax of the raw logits that chose it)."""
+
+    def __init__(self, llm, n: int, offset: int):
+        self.llm, self.n, self.offset = llm, n, offset
+
+    def entries(self, tokens, rows) -> dict:
+        out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        for t, z in zip(tokens, rows):
+            z = z.astype(np.float64)
+            logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+            piece = self.llm.detokenize([t]).decode("utf-8", "ignore")
+            top = {}
+            for i in np.argsort(-logp, kind="stable")[: self.n]:
+                top[self.llm.detokenize([int(i)]).decode("utf-8", "ignore")] = float(logp[i])
+            top[piece] = float(logp[t])
+            out["tokens"].append(piece)
+            out["text_offset"].append(self.offset)
+            out["token_logprobs"].append(float(logp[t]))
+            out["top_logprobs"].append(top)
+            self.offset += len(piece)
+        return out
+
+
+def _collect(chunks) -> dict:
+    """A completion response from its chunks (llama-cpp-python's non-streaming shape)."""
+    text, logprobs, finish, last = [], None, None, None
+    for c in chunks:
+        ch = c["choices"][0]
+        text.append(ch["text"])
+        if ch["logprobs"]:
+            if logprobs is None:
+                logprobs = {k: [] for k in ch["logprobs"]}
+            for k, v in ch["logprobs"].items():
+                logprobs[k].extend(v)
+        finish, last = ch["finish_reason"], c
+    return {
+        "id": last["id"], "object": "text_completion", "created": last["created"], "model": last["model"],
+        "choices": [{"text": "".join(text), "index": 0, "logprobs": logprobs, "finish_reason": finish}],
+        "usage": last["usage"], "medusa": last["medusa"],
+    }
+
+
+def _chat_logprobs(lp: Optional[dict]) -> Optional[dict]:
+    if lp is None:
+        return None
+    return {"content": [{"token": tok, "bytes": None, "logprob": l,
+                         "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in top.items()]}
+                        for tok, l, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])],
+            "refusal": None}
+
+
+def _chat_chunks(chunks) -> Iterator[dict]:
+    """Completion chunks as chat chunks, in llama-cpp-python's order: a role delta, content
+    deltas, then an empty delta with finish_reason (and here ``usage`` and ``medusa``)."""
+    it = iter(chunks)
+    try:
+        for i, c in enumerate(it):
+            ch = c["choices"][0]
+            head = {"id": "chat" + c["id"], "model": c["model"], "created": c["created"], "object": "chat.completion.chunk"}
+            if i == 0:
+                yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
+            if ch["finish_reason"] is None and not ch["text"]:
+                continue
+            out = {**head, "choices": [{"index": 0, "delta": {"content": ch["text"]} if ch["finish_reason"] is None else {},
+                                        "logprobs": _chat_logprobs(ch["logprobs"]), "finish_reason": ch["finish_reason"]}]}
+            for k in ("usage", "medusa"):
+                if k in c:
+                    out[k] = c[k]
+            yield out
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()
+
+
+def _chat_response(r: dict) -> dict:
+    return {
+        "id": "chat" + r["id"], "object": "chat.completion", "created": r["created"], "model": r["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": r["choices"][0]["text"]},
+                     "logprobs": _chat_logprobs(r["choices"][0]["logprobs"]), "finish_reason": r["choices"][0]["finish_reason"]}],
+        "usage": r["usage"], "medusa": r["medusa"],
+    }

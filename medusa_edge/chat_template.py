@@ -85,6 +85,14 @@ def render(template: str, messages: Sequence[dict], *, add_generation_prompt: bo
     return out
 
 
+#: Built-in chat formats for ``Medusa(chat_format=...)``: a jinja template, or "" for Vicuna v1.1.
+FORMATS = {
+    "vicuna": "",
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+
+
 def vicuna(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
     """The Vicuna v1.1 format (FastChat), the fallback when a model has no template."""
     sys_msg = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")

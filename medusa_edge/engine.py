@@ -36,7 +36,8 @@ Proposer = Callable[[list, int, int], np.ndarray]
 
 @dataclass
 class SamplingParams:
-    """What to draw. ``temperature <= 0`` is greedy. ``acceptance``: "exact" keeps the output
+    """What to draw, as llama-cpp-python's sampler chain: ``temperature == 0`` is greedy,
+    ``temperature < 0`` draws from the penalised softmax with no truncation. ``acceptance``: "exact" keeps the output
     identical to plain decoding with the same chain and seed; "typical" is the paper's lossy
     typical acceptance (root greedy, reference defaults)."""
 
@@ -44,6 +45,7 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
+    typical_p: float = 1.0
     repeat_penalty: float = 1.0
     penalty_last_n: int = 64
     frequency_penalty: float = 0.0
@@ -60,7 +62,7 @@ class SamplingParams:
     @property
     def plain_argmax(self) -> bool:
         """Greedy with no penalties: the argmax computed natively is the whole sampler."""
-        return self.temperature <= 0 and self.repeat_penalty == 1.0 and self.frequency_penalty == 0 and self.presence_penalty == 0
+        return self.temperature == 0 and self.repeat_penalty == 1.0 and self.frequency_penalty == 0 and self.presence_penalty == 0
 
 
 @dataclass
@@ -332,6 +334,7 @@ class Engine:
         proposer: Optional[Proposer] = None,
         stats: Optional[Stats] = None,
         reuse_prefix: bool = True,
+        logits_out: Optional[list] = None,
     ) -> Iterator[list[int]]:
         """Yield the new tokens of each forward (prefill first, then one list per step).
 
@@ -339,7 +342,8 @@ class Engine:
         end-of-generation token. The caller may stop iterating at any time. With ``reuse_prefix``
         the prompt's longest common prefix with the tokens already in the KV cache (the last
         call's prompt and committed output) is not decoded again, as llama-cpp-python does;
-        ``stats.n_prompt_reused`` says how many tokens that saved.
+        ``stats.n_prompt_reused`` says how many tokens that saved. ``logits_out``, if given, gets
+        the raw logits that chose each yielded token, in order (for logprobs; costs a copy per token).
         """
         stats = stats if stats is not None else Stats()
         n_prompt = len(prompt)
@@ -372,6 +376,8 @@ class Engine:
             stats.n_prompt_reused = n_keep
             stats.t_prefill = time.perf_counter() - t0
             root = self._pick(sampler, params, 0)
+            if logits_out is not None:
+                logits_out.append(self.ctx.logits(0))
             generated = [root]
             n_past, row = n_prompt, None
             stats.n_generated = 1
@@ -395,6 +401,8 @@ class Engine:
                 stats.t_decode += time.perf_counter() - td
                 # accept
                 path, root = self._accept(tree, tokens, sampler, params)
+                if logits_out is not None:  # node path[j] chose the j-th new token
+                    logits_out.extend(self.ctx.logits(r) for r in path)
                 # commit
                 row = self._commit(shape, tokens, path, n_past, stats)
                 self._kv_tokens.extend(int(tokens[i]) for i in path)
@@ -470,6 +478,7 @@ class Engine:
         return native.Sampler(
             self.model.n_vocab, p.seed & 0xFFFFFFFF, p.temperature if p.acceptance == "exact" else 0.0,
             p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.penalty_last_n, p.frequency_penalty, p.presence_penalty,
+            p.typical_p,
         )
 
     def _pick(self, sampler, p: SamplingParams, row: int) -> int:
@@ -492,8 +501,8 @@ class Engine:
 
     def _accept(self, tree: Tree, tokens: np.ndarray, sampler, p: SamplingParams) -> tuple[list[int], int]:
         """Accepted node path (root first) and the next root token."""
-        if p.acceptance == "typical" and p.temperature > 0:
-            inv_t = 1.0 / p.temperature
+        if p.acceptance == "typical" and p.temperature != 0:
+            inv_t = 1.0 / abs(p.temperature)
 
             def probs_at(node: int) -> np.ndarray:
                 z = self.ctx.logits(node).astype(np.float64) * inv_t

@@ -168,14 +168,13 @@ class BaseModel:
         """Token ids of a prompt exactly as the API builds them at inference (chat format if
         enabled: the GGUF's template, or the Vicuna format when it has none), keeping the last
         ``max_tokens``."""
-        from .api import prompt_tokens, render_chat
+        from .api import chat_prompt_tokens, prompt_tokens
 
         if self.template:
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            text = render_chat(self.model, msgs)
+            ids = chat_prompt_tokens(self.model, msgs)
         else:
-            text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-        ids = prompt_tokens(self.model, text)
+            ids = prompt_tokens(self.model, prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt))
         if len(ids) > max_tokens:
             ids = ids[-max_tokens:]
         return ids

@@ -468,15 +468,19 @@ struct Sampler {
     llama_sampler *chain = nullptr;
 
     // Same order as llama-cpp-python's Llama._init_sampler, so equal settings give equal draws:
-    // penalties, top-k, top-p, min-p, temperature, dist(seed). temp <= 0 means greedy.
+    // penalties, top-k, typical, top-p, min-p, temperature, dist(seed).
+    // temp == 0: greedy; temp < 0: dist over the penalised logits, nothing truncated (llama-cpp-python).
     Sampler(int32_t n_vocab, uint32_t seed, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
-            int32_t penalty_last_n, float frequency_penalty, float presence_penalty) {
+            int32_t penalty_last_n, float frequency_penalty, float presence_penalty, float typical_p) {
         chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
         llama_sampler_chain_add(chain, llama_sampler_init_penalties(n_vocab, penalty_last_n, repeat_penalty, frequency_penalty, presence_penalty));
-        if (temp <= 0.0f) {
+        if (temp < 0.0f) {
+            llama_sampler_chain_add(chain, llama_sampler_init_dist(seed));
+        } else if (temp == 0.0f) {
             llama_sampler_chain_add(chain, llama_sampler_init_greedy());
         } else {
             llama_sampler_chain_add(chain, llama_sampler_init_top_k(top_k));
+            llama_sampler_chain_add(chain, llama_sampler_init_typical(typical_p, 1));
             llama_sampler_chain_add(chain, llama_sampler_init_top_p(top_p, 1));
             llama_sampler_chain_add(chain, llama_sampler_init_min_p(min_p, 1));
             llama_sampler_chain_add(chain, llama_sampler_init_temp(temp));
@@ -1123,9 +1127,10 @@ PYBIND11_MODULE(_native, m) {
         });
 
     py::class_<Sampler>(m, "Sampler")
-        .def(py::init<int32_t, uint32_t, float, int32_t, float, float, float, int32_t, float, float>(), py::arg("n_vocab"),
+        .def(py::init<int32_t, uint32_t, float, int32_t, float, float, float, int32_t, float, float, float>(), py::arg("n_vocab"),
              py::arg("seed"), py::arg("temp"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("repeat_penalty"),
-             py::arg("penalty_last_n"), py::arg("frequency_penalty") = 0.0f, py::arg("presence_penalty") = 0.0f)
+             py::arg("penalty_last_n"), py::arg("frequency_penalty") = 0.0f, py::arg("presence_penalty") = 0.0f,
+             py::arg("typical_p") = 1.0f)
         .def("sample", &Sampler::sample, py::arg("ctx"), py::arg("row"))
         .def("accept", &Sampler::accept, py::arg("token"))
         .def("reset", &Sampler::reset);
