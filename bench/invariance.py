@@ -4,7 +4,7 @@ decoding the same tokens one at a time (plain decoding)?
 For each quant type, thread count, flash-attention setting and batch size B, a chain of B tokens is
 decoded (a) one token per llama_decode and (b) in one llama_decode, after the same prompt; the
 table gives the largest absolute logit difference over all rows, and how many rows' argmax differ.
-Exact Medusa needs 0.0 for every tree size it uses (docs/exactness.md).
+Exact Medusa needs 0.0 for every tree size it uses (docs/design.md section 5).
 
     .venv/bin/python bench/invariance.py [--model F16.gguf] [--quants F16,Q8_0,...] [--threads 1,2]
 """

@@ -241,7 +241,7 @@ class Engine:
     MIN_EXACT_UBATCH = 32
 
     #: Largest default tree on a CPU. Verifying B tokens at once costs about 1.95x one token at
-    #: B=2, 2.5x at 4, 3.5x at 8 and 19x at 64 on a 2-core AVX2 CPU (DESIGN.md section 3), so
+    #: B=2, 2.5x at 4, 3.5x at 8 and 19x at 64 on a 2-core AVX2 CPU (measured in an earlier session), so
     #: the reference's 64-token trees (tuned for A100s) lose there; a short chain pays best.
     CPU_MAX_DEFAULT_NODES = 8
 
@@ -335,6 +335,7 @@ class Engine:
         stats: Optional[Stats] = None,
         reuse_prefix: bool = True,
         logits_out: Optional[list] = None,
+        max_depth: Optional[int] = None,
     ) -> Iterator[list[int]]:
         """Yield the new tokens of each forward (prefill first, then one list per step).
 
@@ -344,6 +345,7 @@ class Engine:
         call's prompt and committed output) is not decoded again, as llama-cpp-python does;
         ``stats.n_prompt_reused`` says how many tokens that saved. ``logits_out``, if given, gets
         the raw logits that chose each yielded token, in order (for logprobs; costs a copy per token).
+        ``max_depth`` cuts the tree (0: plain decoding, one token per forward, in this same context).
         """
         stats = stats if stats is not None else Stats()
         n_prompt = len(prompt)
@@ -351,7 +353,8 @@ class Engine:
             raise ValueError("the prompt is empty: pass at least one token (e.g. BOS)")
         if n_prompt >= self.n_ctx:
             raise ContextOverflowError(f"prompt has {n_prompt} tokens but the context holds {self.n_ctx}: shorten it or raise n_ctx")
-        if self.heads is None and proposer is None and self.tree.n_nodes > 1:
+        tree_depth = self.tree.max_depth if max_depth is None else max(0, min(max_depth, self.tree.max_depth))
+        if self.heads is None and proposer is None and tree_depth > 0:
             raise TreeError("a tree needs candidates: load Medusa heads or pass a proposer")
         budget = min(max_tokens, self.n_ctx - n_prompt)
         stats.n_prompt = n_prompt
@@ -388,7 +391,7 @@ class Engine:
             while True:
                 remaining = budget - len(generated)
                 # the tree must fit both the tokens still wanted and the free KV cells
-                depth = 0 if row is None else policy.choose() if policy else self.tree.max_depth
+                depth = 0 if row is None else min(policy.choose(), tree_depth) if policy else tree_depth
                 tree, shape = self._shape(min(remaining - 1, depth), self.n_ctx - n_past)
                 # propose: the heads' top-k at the position that produced the root
                 th = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The batch-invariant region of a model on this device, measured (docs/exactness.md).
+"""The batch-invariant region of a model on this device, measured (docs/design.md section 5).
 
 Medusa's output equals plain decoding's bit for bit when every row of a verify batch is computed
 exactly as a one-token decode computes it. Whether llama.cpp does so depends on the backend, the

@@ -1,4 +1,4 @@
-"""Guards for llama.cpp paths known to break: on some machines, or on some files (docs/llama_cpp.md).
+"""Guards for llama.cpp paths known to break: on some machines, or on some files (docs/design.md section 4).
 
 AMX: on Intel CPUs with AMX (Sapphire Rapids and later), llama.cpp 0c1e570 (llama-cpp-python
 0.3.36) segfaults in ``ggml_backend_amx_mul_mat`` on the first decode of a quantized model

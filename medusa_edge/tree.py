@@ -8,7 +8,7 @@ Node numbering follows the reference: paths sorted by (depth, lexicographic); no
 root (the base model's own next token) and path ``sorted_paths[j]`` is node ``j + 1``.
 This order is topological, which llama.cpp's batch checks require.
 
-Tree attention in llama.cpp (DESIGN.md section 3): every leaf gets its own ``seq_id`` and a
+Tree attention in llama.cpp (docs/design.md section 2): every leaf gets its own ``seq_id`` and a
 node carries the seq ids of all leaves below it, so node i sees node j iff j is an ancestor
 of i (or i itself).
 """

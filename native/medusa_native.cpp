@@ -388,7 +388,7 @@ struct Context {
         row_base = 0;
     }
 
-    // Strategy B of DESIGN.md section 3: keep the accepted cells in place.
+    // docs/design.md section 3: keep the accepted cells in place (no recompute).
     // `path` is the accepted node list (root first); afterwards positions [n_past, n_past + len(path))
     // hold the path, tagged with every seq id, and nothing else is left beyond n_past.
     void commit(const TreeShape &tree, const std::vector<int32_t> &path, int32_t n_past) {

@@ -1,5 +1,5 @@
-"""python -m convert: tiny synthetic checkpoints in the published Medusa layouts (reference
-section 1), converted and checked against transformers and gguf-py (DESIGN section 7)."""
+"""python -m convert: tiny synthetic checkpoints in the published Medusa layouts, converted and
+checked against transformers and gguf-py."""
 
 from __future__ import annotations
 

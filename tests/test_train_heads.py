@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+from medusa_edge.api import chat_prompt_tokens
+
 from medusa_edge.engine import Engine, SamplingParams, Stats
 from medusa_edge.testing import _WORDS, write_llama_gguf
 from medusa_edge import train_heads as th
@@ -245,7 +247,9 @@ def test_prompts_tokenized_as_the_api_does(tmp_path):
     m = write_llama_gguf(str(tmp_path / "chat.gguf"), chat_template=tmpl)
     b = th.BaseModel(m.path, 64, 1)
     ids = b.prompt_tokens("the world", 32)
-    assert ids == [1] + list(b.model.tokenize("[INST] the world [/INST]", False, True))
+    # a jinja template is in charge of BOS (this one emits none), as in llama-cpp-python's chat
+    assert ids == list(b.model.tokenize("[INST] the world [/INST]", False, True))
+    assert ids == chat_prompt_tokens(b.model, [{"role": "user", "content": "the world"}])
     assert b.prompt_tokens("the world " * 40, 16)[-1] == ids[-1] and len(b.prompt_tokens("the world " * 40, 16)) == 16
     plain = th.BaseModel(m.path, 64, 1, chat="off")
     assert plain.prompt_tokens("the world", 32) == [1] + list(plain.model.tokenize("the world", False, True))
