@@ -2,6 +2,8 @@
 
     medusa-edge generate [MODEL] -p PROMPT [--heads FILE] [--tree NAME] [-n N] [--temp T] ...
     medusa-edge trees
+    medusa-edge verify [MODEL] [--heads FILE] [--prompts FILE.jsonl] [-n N] ...
+    medusa-edge serve [MODEL] [--host H] [--port P] [--api-key KEY] [--queue N] ...
 """
 
 from __future__ import annotations
@@ -97,14 +99,62 @@ def _trees(_args) -> int:
     return 0
 
 
+def _add_serve(sub):
+    s = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models)",
+        description="Serve MODEL over an OpenAI-compatible HTTP API. Requests run one at a time; up to --queue more "
+        "wait, further ones get 503 with Retry-After. Needs the server extra: pip install 'medusa-edge[server]'.",
+    )
+    s.add_argument("model", nargs="?", help="base model GGUF (default: the bundled demo model)")
+    s.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
+    s.add_argument("--tree", help="tree preset, chain:N or JSON file (default: the heads file's tree)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
+    s.add_argument("--queue", type=int, default=16, help="requests that may wait while one runs (default 16)")
+    s.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=2048, help="context size in tokens (default 2048)")
+    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
+    s.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+
+
+def _serve(args) -> int:
+    from . import Medusa, MedusaError, TreeError
+
+    try:
+        from .server import serve
+    except ImportError as e:
+        print(f"medusa-edge: error: the server needs its extra ({e}): pip install 'medusa-edge[server]'", file=sys.stderr)
+        return 1
+    if args.queue < 0:
+        print("medusa-edge: error: --queue must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        llm = Medusa(args.model, args.heads, tree=args.tree, n_ctx=args.n_ctx, n_threads=args.threads,
+                     n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+    except (MedusaError, TreeError) as e:
+        print(f"medusa-edge: error: {e}", file=sys.stderr)
+        return 1
+    serve(llm, args.host, args.port, queue_size=args.queue, api_key=args.api_key)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:  # its own parser: medusa_edge/verify.py
+        from . import verify
+
+        return verify.main(argv[1:])
     ap = argparse.ArgumentParser(prog="medusa-edge", description="Lossless Medusa decoding on llama.cpp.", epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_generate(sub)
     sub.add_parser("trees", help="list the tree presets")
+    sub.add_parser("verify", help="check that Medusa's output equals plain decoding on your model and device",
+                   add_help=False)
+    _add_serve(sub)
     args = ap.parse_args(argv)
-    return {"generate": _generate, "trees": _trees}[args.cmd](args)
+    return {"generate": _generate, "trees": _trees, "serve": _serve}[args.cmd](args)
 
 
 if __name__ == "__main__":
