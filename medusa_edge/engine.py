@@ -188,17 +188,23 @@ class Engine:
         # when the region is wide enough to prefill in (so a reused prefix equals a cold start).
         self.exact = bool(exact)
         self.exact_batch = 0  # 0: not measured (exact=False); 1: no exact region here
+        # one-token decodes on one thread in exact mode on the CPU (exactness.single_threads)
+        self.n_threads_batch = n_threads
+        self.n_threads = exactness.single_threads(n_threads) if self.exact and not on_gpu else n_threads
         if self.exact:
             self.exact_batch, _ = exactness.exact_batch(self.model, model_path, n_threads=n_threads, flash_attn=fa,
                                                         f32_kv=f32_kv, n_gpu_layers=n_gpu_layers)
             if self.exact_batch >= 2:
                 self.tree = self.tree.prefix(self.exact_batch)
-        n_ubatch = self.exact_batch if self.exact_batch >= self.MIN_EXACT_UBATCH else 0
+        # every prompt row computed as a one-token decode: chunking and prefix reuse change nothing
+        self.exact_prefill = self.exact_batch >= self.MIN_EXACT_UBATCH
+        n_ubatch = self.exact_batch if self.exact_prefill else 0
         n_heads = self.heads_info["n_heads"] if self.heads_info else self.tree.max_depth
         # the context gets one sequence per leaf; check before allocating anything
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
         try:
-            self.ctx = native.Context(self.model, n_ctx, n_batch, n_threads, max(1, self.tree.n_leaves), f32_kv, fa, n_ubatch)
+            self.ctx = native.Context(self.model, n_ctx, n_batch, self.n_threads, max(1, self.tree.n_leaves), f32_kv, fa,
+                                      n_ubatch, self.n_threads_batch)
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
         self.flash_attn = bool(self.ctx.flash_attn)
@@ -367,14 +373,18 @@ class Engine:
         self._claim(token)
         t0 = time.perf_counter()
         try:
-            # Prefill: the prompt, chunked as plain llama.cpp decoding does (identical logits),
-            # then the first token from the last prompt position. No hidden state comes out of
-            # it, so the first step verifies the root alone and the heads start from the second.
+            # Prefill: the prompt after the reused prefix, in llama.cpp micro-batches of the
+            # context's n_ubatch, then the first token from the last prompt position. When every
+            # row is computed as a one-token decode (exact prefill), the last prompt token is
+            # decoded on its own with embeddings on, which changes no logit and gives its hidden
+            # state: the heads propose at the first step. Otherwise the first step verifies the
+            # root alone, and the chunking stays llama-cpp-python's.
             prompt = [int(t) for t in prompt]
             n_keep = self._reusable(prompt) if reuse_prefix else 0
+            hidden = tree_depth > 0 and self.exact_prefill
             self._kv_tokens = []  # unknown until the prefill has succeeded
             self.ctx.truncate(n_keep)
-            self.ctx.prefill(prompt[n_keep:], n_keep, False)
+            self.ctx.prefill(prompt[n_keep:], n_keep, hidden)
             self._kv_tokens, self._kv_epoch = prompt, self.ctx.epoch
             stats.n_prompt_reused = n_keep
             stats.t_prefill = time.perf_counter() - t0
@@ -382,7 +392,7 @@ class Engine:
             if logits_out is not None:
                 logits_out.append(self.ctx.logits(0))
             generated = [root]
-            n_past, row = n_prompt, None
+            n_past, row = n_prompt, (0 if hidden else None)
             stats.n_generated = 1
             yield [root]
             self._check_owner(token)

@@ -7,9 +7,11 @@ weight types and the batch size, and not monotonically on anything one can read 
 ggml-cpu switches to its tiled flash-attention kernel; Q4_K_M up to 25, Q6_K and Q5_K_M from 4 to
 32 depending on the model; F16, F32 and IQ4_NL at no batch size above 1). So it is measured: a
 random chain of up to 63 tokens is decoded one token per ``llama_decode`` and then in one batch,
+after a short prompt and after a long one,
 for each candidate size from the largest down, and the largest size whose every row matches bit
 for bit is the model's exact batch on this device. The answer is cached on disk per model file,
-device, build and settings, so a model pays the probe (63 one-token decodes) once.
+device, build and settings, so a model pays the probe (a 300-token prompt and 126 one-token
+decodes) once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from ._loader import native
 
 CANDIDATES = (63, 48, 32, 24, 16, 8, 4, 2)
-N_PROBE_PROMPT = 16
+PROBE_PROMPTS = (16, 300)  # prompt lengths the probe decodes after: short, and past 256 KV cells
 
 _lock = threading.Lock()
 
@@ -52,7 +54,7 @@ def cache_key(model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool,
     from .hwguard import use_extra_bufts
 
     parts = [
-        _file_id(model_path), f"threads={n_threads}", f"fa={int(flash_attn)}", f"f32kv={int(f32_kv)}", f"ngl={n_gpu_layers}",
+        "probe=2", _file_id(model_path), f"threads={n_threads}", f"fa={int(flash_attn)}", f"f32kv={int(f32_kv)}", f"ngl={n_gpu_layers}",
         f"extra_bufts={int(use_extra_bufts())}", f"llama_cpp_python={llama_cpp.__version__}", native.system_info(),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
@@ -62,28 +64,50 @@ def probe(model, *, n_threads: int, flash_attn: int, f32_kv: bool, max_batch: in
           seed: int = 0) -> tuple[int, bool]:
     """(the largest batch size from CANDIDATES, at most ``max_batch``, at which every row of one
     batched decode equals, bit for bit, the same tokens decoded one at a time, or 1 if none;
-    whether flash attention was on). ``flash_attn``: 1 on, 0 off, -1 llama.cpp's auto."""
+    whether flash attention was on). ``flash_attn``: 1 on, 0 off, -1 llama.cpp's auto.
+
+    One-token decodes run on ``single_threads(n_threads)`` threads and batches on ``n_threads``, as
+    the engine's exact mode runs them. Measured after a short prompt and after one long enough
+    (PROBE_PROMPTS) that the KV cache spans 512 cells, where ggml-cpu's one-query attention starts
+    to split the cells across threads."""
     sizes = [b for b in CANDIDATES if b <= max_batch]
     n = sizes[0] if sizes else 1
-    ctx = native.Context(model, N_PROBE_PROMPT + n + 8, max(n, N_PROBE_PROMPT), n_threads, 1, f32_kv, flash_attn, 0)
-    if not sizes:
-        return 1, bool(ctx.flash_attn)
-    rng = np.random.default_rng(seed)
-    prompt = [int(t) for t in rng.integers(0, model.n_vocab, N_PROBE_PROMPT)]
-    chain = rng.integers(0, model.n_vocab, n).astype(np.int32)
-    one = native.TreeShape([0], [[0]])
-    ctx.truncate(0)
-    ctx.prefill(prompt, 0, False)
-    single = []
-    for i in range(n):
-        ctx.decode_tree(one, chain[i : i + 1], N_PROBE_PROMPT + i)
-        single.append(ctx.logits(0))
-    for b in sizes:
-        ctx.truncate(N_PROBE_PROMPT)
-        ctx.decode_tree(native.TreeShape(list(range(b)), [[0]] * b), chain[:b], N_PROBE_PROMPT)
-        if all(np.array_equal(ctx.logits(r), single[r]) for r in range(b)):
-            return b, bool(ctx.flash_attn)
-    return 1, bool(ctx.flash_attn)
+    fa_on = False
+    for n_prompt in PROBE_PROMPTS:
+        ctx = native.Context(model, n_prompt + n + 8, max(n, 64), single_threads(n_threads), 1, f32_kv, flash_attn, 0,
+                             n_threads)
+        fa_on = bool(ctx.flash_attn)
+        if not sizes:
+            break
+        rng = np.random.default_rng(seed)
+        prompt = [int(t) for t in rng.integers(0, model.n_vocab, n_prompt)]
+        chain = rng.integers(0, model.n_vocab, n).astype(np.int32)
+        one = native.TreeShape([0], [[0]])
+        ctx.truncate(0)
+        ctx.prefill(prompt, 0, False)
+        single = []
+        for i in range(n):
+            ctx.decode_tree(one, chain[i : i + 1], n_prompt + i)
+            single.append(ctx.logits(0))
+        exact = [b for b in sizes if _rows_equal(ctx, chain, single, b, n_prompt)]
+        sizes = [b for b in sizes if b <= (exact[0] if exact else 0)]
+        del ctx
+    return (sizes[0] if sizes else 1), fa_on
+
+
+def _rows_equal(ctx, chain, single, b: int, n_prompt: int) -> bool:
+    ctx.truncate(n_prompt)
+    ctx.decode_tree(native.TreeShape(list(range(b)), [[0]] * b), chain[:b], n_prompt)
+    return all(np.array_equal(ctx.logits(r), single[r]) for r in range(b))
+
+
+def single_threads(n_threads: int) -> int:
+    """Threads for one-token decodes in exact mode on the CPU: one. With flash attention,
+    ggml-cpu splits a single query's KV cells across threads once the cache spans 512 cells
+    (``use_split_kv_path``) and sums the partial results in another order than any batched row
+    does; on one thread the split is one chunk, computed exactly as a batched row (docs/design.md
+    section 5). Batches, almost every step of Medusa, keep all ``n_threads``."""
+    return 1
 
 
 def exact_batch(model, model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool, n_gpu_layers: int,
@@ -131,6 +155,7 @@ def llama_cpp_baseline(engine, **kwargs):
     decoding the engine promises to equal. ``kwargs`` go to ``Llama`` (n_ctx, seed, ...)."""
     from .hwguard import llama_cpp_llama
 
-    kw = dict(flash_attn=engine.flash_attn, n_batch=engine.ctx.n_batch, n_ubatch=engine.ctx.n_ubatch, verbose=False)
+    kw = dict(flash_attn=engine.flash_attn, n_batch=engine.ctx.n_batch, n_ubatch=engine.ctx.n_ubatch,
+              n_threads=engine.n_threads, n_threads_batch=engine.n_threads_batch, verbose=False)
     kw.update(kwargs)
     return llama_cpp_llama(engine.model_path, **kw)

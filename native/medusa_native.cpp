@@ -226,8 +226,9 @@ struct Context {
     // flash_attn: 1 on, 0 off, -1 llama.cpp's AUTO (on where the device supports it).
     // n_ubatch: llama.cpp splits every decode into micro-batches of at most this many tokens
     // (<= 0: n_batch); the exact mode keeps it inside the batch-invariant region.
+    // n_threads serves one-token decodes, n_threads_batch (<= 0: n_threads) every larger batch.
     Context(std::shared_ptr<Model> model_, int n_ctx_, int n_batch_, int n_threads, int n_seq_max_,
-            bool f32_kv, int flash_attn_, int n_ubatch_)
+            bool f32_kv, int flash_attn_, int n_ubatch_, int n_threads_batch)
         : model(std::move(model_)) {
         if (llama_model_is_recurrent(model->model) || llama_model_is_hybrid(model->model))
             throw std::invalid_argument("model " + model->path +
@@ -243,7 +244,7 @@ struct Context {
         p.n_ubatch = n_ubatch_ > 0 ? std::min(n_ubatch_, n_batch_) : n_batch_;
         p.n_seq_max = n_seq_max_;
         p.n_threads = n_threads;
-        p.n_threads_batch = n_threads;
+        p.n_threads_batch = n_threads_batch > 0 ? n_threads_batch : n_threads;
         p.kv_unified = true;  // coupled sequences (a tree) need one KV stream
         p.embeddings = false;
         p.pooling_type = LLAMA_POOLING_TYPE_NONE;
@@ -1103,9 +1104,9 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_leaves", &TreeShape::n_leaves);
 
     py::class_<Context>(m, "Context")
-        .def(py::init<std::shared_ptr<Model>, int, int, int, int, bool, int, int>(), py::arg("model"), py::arg("n_ctx"),
+        .def(py::init<std::shared_ptr<Model>, int, int, int, int, bool, int, int, int>(), py::arg("model"), py::arg("n_ctx"),
              py::arg("n_batch"), py::arg("n_threads"), py::arg("n_seq_max"), py::arg("f32_kv") = false,
-             py::arg("flash_attn") = -1, py::arg("n_ubatch") = 0)
+             py::arg("flash_attn") = -1, py::arg("n_ubatch") = 0, py::arg("n_threads_batch") = 0)
         .def_property_readonly("n_ubatch", [](const Context &c) { return (int)llama_n_ubatch(c.ctx); })
         .def_readonly("n_ctx", &Context::n_ctx)
         .def_readonly("flash_attn", &Context::flash_attn)
