@@ -65,6 +65,8 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--fa", default="on,off", help="flash attention settings to try")
+    ap.add_argument("--prompt-tokens", type=int, default=100,
+                    help="tokens before the chain (past 256, one-token decodes split attention across threads)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     native.set_verbose(False)
@@ -81,7 +83,7 @@ def main(argv=None):
             quantize_gguf(Path(src), Path(path), q)
         for th in [int(x) for x in args.threads.split(",")]:
             for fa in args.fa.split(","):
-                r = measure(path, th, fa == "on", sizes)
+                r = measure(path, th, fa == "on", sizes, n_prompt=args.prompt_tokens)
                 results.append({"quant": q, "threads": th, "flash_attn": fa, "by_batch": r})
                 cells = " ".join(f"{b}:" + ("=" if v["exact"] else f"{v['max_abs_diff']:.2g}") for b, v in r.items())
                 print(f"{q:7s} t={th} fa={fa:3s} {cells}", flush=True)

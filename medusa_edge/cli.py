@@ -56,7 +56,11 @@ def _generate(args) -> int:
             args.model, args.heads, tree="chain:0" if args.no_medusa else args.tree, n_ctx=args.ctx_size,
             n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
         )
-        prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        from .api import chat_prompt_tokens
+
+        # a chat turn is tokenized as create_chat_completion tokenizes it (the template owns BOS)
+        prompt = (chat_prompt_tokens(llm.engine.model, [{"role": "user", "content": args.prompt}], llm.chat_template)
+                  if args.chat else args.prompt)
         chunks = llm.create_completion(
             prompt, max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
             min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop, stream=True,

@@ -165,3 +165,26 @@ def test_probe_cache_and_f32(quant_models, models, tmp_path, monkeypatch):
     assert exactness.exact_batch(m, quant_models["Q4_0"], **kw) == (63, True) and not calls
     f32 = load_model(models["f32"].path)
     assert probe(f32, n_threads=2, flash_attn=1, f32_kv=False)[0] == 1
+
+
+def test_long_context_identical_and_single_thread_split_matters(quant_models, monkeypatch):
+    """Past 256 KV cells ggml-cpu splits a one-token decode's attention across threads; exact mode
+    runs one-token decodes on one thread. A 300-token prompt plus 128 tokens stays identical, and
+    the probe sees the difference when one-token decodes get two threads (the check can tell)."""
+    from medusa_edge import exactness
+    from medusa_edge.hwguard import load_model
+
+    path = quant_models["Q8_0"]
+    plain = Engine(path, tree="chain:0", n_ctx=1024, n_threads=2)
+    med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=1024, n_threads=2)
+    assert plain.n_threads == 1 and plain.n_threads_batch == 2
+    rng = np.random.default_rng(7)
+    ids = [1] + [int(t) for t in rng.integers(3, plain.model.n_vocab, 300)]
+    ref = run(plain, ids, GREEDY, N_TOKENS)
+    st = Stats()
+    assert run(med, ids, GREEDY, N_TOKENS, proposer=truth_proposer(ref, rng, 0.9, 2), stats=st) == ref
+    assert st.tokens_per_step > 2.0
+    m = load_model(path)
+    assert probe(m, n_threads=2, flash_attn=1, f32_kv=False)[0] == 63
+    monkeypatch.setattr(exactness, "single_threads", lambda n: n)
+    assert probe(m, n_threads=2, flash_attn=1, f32_kv=False)[0] < 63
