@@ -291,7 +291,7 @@ class Engine:
 
     def _shape(self, max_depth: int, max_nodes: int) -> tuple[Tree, object]:
         """The tree cut to ``max_depth`` and then to its first ``max_nodes`` nodes (node order is
-        breadth-first, so any prefix is still a tree), with its native shape. Called every step:
+        depth-first pre-order, so any prefix is still a tree), with its native shape. Called every step:
         the cache lookup comes first, trees are only built on a miss."""
         depth = min(max(max_depth, 0), self.tree.max_depth)
         n_nodes = min(max(max_nodes, 1), int(np.count_nonzero(self.tree.depth <= depth)))

@@ -4,9 +4,12 @@ A tree is a prefix-closed list of *paths*; a path is a tuple of top-k ranks, one
 Path ``(a, b)`` is the node reached by taking rank ``a`` of head 0's top-k, then rank ``b`` of
 head 1's top-k, all computed at the same (last committed) position (Medusa paper, section 2.1.2).
 
-Node numbering follows the reference: paths sorted by (depth, lexicographic); node 0 is the
-root (the base model's own next token) and path ``sorted_paths[j]`` is node ``j + 1``.
-This order is topological, which llama.cpp's batch checks require.
+Node numbering: paths sorted lexicographically (depth-first pre-order; the reference sorts by
+depth first, which only renumbers nodes); node 0 is the root (the base model's own next token) and
+path ``sorted_paths[j]`` is node ``j + 1``. This order is topological, which llama.cpp's batch
+checks require, any prefix of it is a tree, and each rank-0 chain sits in consecutive nodes: node i
+takes KV cell n_past + i, so the most likely accepted paths keep their cells contiguous and need no
+realignment in exact mode (docs/design.md section 3).
 
 Tree attention in llama.cpp (docs/design.md section 2): every leaf gets its own ``seq_id`` and a
 node carries the seq ids of all leaves below it, so node i sees node j iff j is an ancestor
@@ -88,7 +91,7 @@ class Tree:
         for t in norm:
             if len(t) > 1 and t[:-1] not in known:
                 raise TreeError(f"tree is not prefix-closed: {t} is listed but its parent {t[:-1]} is not")
-        ordered = tuple(sorted(norm, key=lambda t: (len(t), t)))
+        ordered = tuple(sorted(norm))  # depth-first pre-order: each rank-0 chain sits in consecutive nodes
         index = {t: j + 1 for j, t in enumerate(ordered)}
         n = len(ordered) + 1
         depth = np.zeros(n, np.int32)
@@ -175,8 +178,8 @@ class Tree:
         return Tree.from_paths([p for p in self.paths if len(p) <= max_depth])
 
     def prefix(self, n_nodes: int) -> "Tree":
-        """The first ``n_nodes`` nodes (root included). Node order is breadth-first, so any
-        prefix is still a prefix-closed tree."""
+        """The first ``n_nodes`` nodes (root included). Node order is depth-first pre-order, so
+        any prefix is still a prefix-closed tree."""
         if n_nodes >= self.n_nodes:
             return self
         return Tree.from_paths(self.paths[: max(n_nodes, 1) - 1])

@@ -120,14 +120,14 @@ def test_demo_model_greedy_identical(capsys):
     assert st.tokens_per_step > 1.5
 
 
-def _tree_rows_vs_paths(path, flash_attn, exact):
-    """Max |logit difference| between each node of one 63-node tree decode and the same node's path
-    decoded one token at a time."""
+def _tree_rows_vs_paths(path, flash_attn, exact, n_nodes=63):
+    """Max |logit difference| between each node of one tree decode (``n_nodes`` nodes) and the same
+    node's path decoded one token at a time."""
     e = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=256, flash_attn=flash_attn, exact=exact)
     seq = Engine(path, tree="chain:0", n_ctx=256, flash_attn=flash_attn, exact=exact)
     rng = np.random.default_rng(2)
     prompt = e.model.tokenize("the water is very old and", True, False)
-    tree, shape = e._shape(e.tree.max_depth, 63)
+    tree, shape = e._shape(e.tree.max_depth, n_nodes)
     tokens = rng.integers(3, e.model.n_vocab, size=tree.n_nodes).astype(np.int32)
     e.ctx.truncate(0)
     e.ctx.prefill(prompt, 0, False)
@@ -143,10 +143,11 @@ def _tree_rows_vs_paths(path, flash_attn, exact):
 
 
 def test_tree_rows_bit_identical_and_the_check_can_tell(quant_models):
-    """With flash attention every node's logits equal its path's one-token decodes exactly; with
-    it off (outside the exact region) the same check sees differences: the tests can tell."""
+    """In the exact region (63 nodes, flash attention) every node's logits equal its path's
+    one-token decodes exactly; one node more (ggml-cpu's tiled flash attention), outside the
+    region, and the same check sees differences: the tests can tell."""
     assert _tree_rows_vs_paths(quant_models["Q8_0"], flash_attn=True, exact=True) == 0.0
-    assert _tree_rows_vs_paths(quant_models["Q8_0"], flash_attn=False, exact=False) > 0.0
+    assert _tree_rows_vs_paths(quant_models["Q8_0"], flash_attn=True, exact=False, n_nodes=64) > 0.0
 
 
 def test_probe_cache_and_f32(quant_models, models, tmp_path, monkeypatch):

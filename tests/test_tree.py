@@ -10,22 +10,25 @@ SMALL = [[0], [0, 0], [0, 1], [0, 2], [1], [1, 0], [1, 1], [1, 2]]  # the refere
 
 def test_node_order_and_arrays():
     t = Tree.from_paths(reversed(SMALL))  # input order must not matter
-    assert t.paths == ((0,), (1,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2))
-    assert t.depth.tolist() == [0, 1, 1, 2, 2, 2, 2, 2, 2]
-    assert t.parent.tolist() == [-1, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert t.leaves == (3, 4, 5, 6, 7, 8)
+    # depth-first pre-order: every rank-0 chain occupies consecutive nodes (and KV cells)
+    assert t.paths == ((0,), (0, 0), (0, 1), (0, 2), (1,), (1, 0), (1, 1), (1, 2))
+    assert t.depth.tolist() == [0, 1, 2, 2, 2, 1, 2, 2, 2]
+    assert t.parent.tolist() == [-1, 0, 1, 1, 1, 0, 5, 5, 5]
+    assert t.leaves == (2, 3, 4, 6, 7, 8)
     assert t.seq_sets[0] == (0, 1, 2, 3, 4, 5)
-    assert t.seq_sets[1] == (0, 1, 2) and t.seq_sets[2] == (3, 4, 5)
+    assert t.seq_sets[1] == (0, 1, 2) and t.seq_sets[5] == (3, 4, 5)
     assert t.seq_sets[7] == (4,)
-    assert t.children[0] == (1, 2)
+    assert t.children[0] == (1, 5)
+    assert t.prefix(4).paths == ((0,), (0, 0), (0, 1))  # any prefix is still a tree
 
 
 def test_candidate_tokens_take_rank_of_head_at_depth():
     t = Tree.from_paths(SMALL)
     proposals = np.array([[10, 11, 12], [20, 21, 22]])  # head 0 and head 1 top-3
     toks = t.candidate_tokens(99, proposals)
-    # the reference: tree_indices [0,1,2,11,12,13,11,12,13] into [root, head0 top10, head1 top10]
-    assert toks.tolist() == [99, 10, 11, 20, 21, 22, 20, 21, 22]
+    # the reference's tree_indices [0,1,2,11,12,13,11,12,13] into [root, head0 top10, head1 top10],
+    # in depth-first node order
+    assert toks.tolist() == [99, 10, 20, 21, 22, 11, 20, 21, 22]
 
 
 @pytest.mark.parametrize("name,leaves,depths", [
@@ -84,11 +87,11 @@ def test_check_limits():
 
 def test_accept_greedy_by_hand():
     t = Tree.from_paths(SMALL)
-    toks = np.array([5, 7, 8, 1, 2, 3, 1, 2, 3])
-    # argmax at the root is 8 -> node 2 (token 8); argmax at node 2 is 3 -> node 8 (token 3)
+    toks = np.array([5, 7, 1, 2, 3, 8, 1, 2, 3])
+    # argmax at the root is 8 -> node 5 (path (1,), token 8); argmax at node 5 is 3 -> node 8 (token 3)
     argmax = np.zeros(9, int)
-    argmax[0], argmax[2], argmax[8] = 8, 3, 4
-    assert accept_greedy(t, toks, argmax) == [0, 2, 8]
+    argmax[0], argmax[5], argmax[8] = 8, 3, 4
+    assert accept_greedy(t, toks, argmax) == [0, 5, 8]
     argmax[0] = 6  # no child carries 6
     assert accept_greedy(t, toks, argmax) == [0]
 
