@@ -3,7 +3,7 @@ and plain decoding in exact mode (one-token decodes on one thread) vs plain at a
 
     .venv/bin/python bench/exact_cost.py MODEL.gguf HEADS.gguf [TREE|""] [N_PROMPTS]
 (prompts: ../shared/bench/mt_bench_questions.jsonl, or MEDUSA_BENCH_PROMPTS)"""
-import os, sys, time, statistics, json
+import os, sys, statistics, json
 from medusa_edge import Engine, SamplingParams, Stats
 from medusa_edge.api import chat_prompt_tokens
 model, heads, tree = sys.argv[1], sys.argv[2], (sys.argv[3] or None if len(sys.argv) > 3 else None)

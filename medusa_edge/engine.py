@@ -12,7 +12,6 @@ State between steps (the invariant every step keeps):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import threading
@@ -23,7 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from . import exactness, gguf_check, schema
+from . import exactness, gguf_check
 from ._loader import native
 from .hwguard import load_model
 from .errors import BusyError, ContextOverflowError, HeadsError, ModelLoadError

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import llama_cpp
 
 from medusa_edge import Engine, Medusa, SamplingParams, Stats, Tree
 from medusa_edge.testing import _WORDS

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from medusa_edge import Engine, Medusa, SamplingParams, hwguard
+from medusa_edge import Medusa, hwguard
 from medusa_edge.demo import demo_model_path
 from medusa_edge.errors import BusyError, ChatTemplateError
 from medusa_edge.exactness import llama_cpp_baseline
