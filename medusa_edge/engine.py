@@ -26,7 +26,8 @@ from . import exactness, gguf_check
 from ._loader import native
 from .hwguard import load_model
 from .errors import BusyError, ContextOverflowError, HeadsError, ModelLoadError
-from .tree import PRESETS, DepthPolicy, Tree, TreeError, accept_greedy, accept_typical, chain
+from . import tune
+from .tree import PRESETS, Tree, TreeError, accept_greedy, accept_typical
 
 #: proposer(generated, n_heads, top_k) -> [n_heads, top_k] token ids, rank-sorted. ``generated``
 #: holds the tokens emitted so far, the current root last. Replaces the heads (tests, other drafts).
@@ -79,7 +80,6 @@ class Stats:
     t_decode: float = 0.0  # llama_decode of the trees
     t_heads: float = 0.0
     t_total: float = 0.0
-    depth_policy: object = None  # the DepthPolicy of an adaptive tree, for inspection
 
     @property
     def tokens_per_step(self) -> float:
@@ -145,7 +145,6 @@ class Engine:
         flash_attn: Optional[bool] = None,
         exact: bool = True,
         top_k: int = 10,
-        adaptive: bool = False,
         verbose: bool = False,
     ):
         native.set_verbose(verbose)
@@ -180,7 +179,9 @@ class Engine:
             self._check_heads_match(heads_path, self.heads_info)
 
         on_gpu = n_gpu_layers != 0 and native.supports_gpu_offload()
-        self.tree = self._choose_tree(tree, on_gpu=on_gpu)
+        # "auto" (the default with heads): a tree planned from this device's measured costs (below)
+        self.auto = self.heads_info is not None and (tree is None or tree == "auto")
+        self.tree = Tree.from_paths([]) if self.auto else self._choose_tree(tree)
         fa = -1 if flash_attn is None else int(bool(flash_attn))
         # Exact mode: every decode stays inside the batch sizes measured bit-identical to
         # one-token decodes on this device (exactness.py): trees, and prompt micro-batches too
@@ -199,10 +200,13 @@ class Engine:
         self.exact_prefill = self.exact_batch >= self.MIN_EXACT_UBATCH
         n_ubatch = self.exact_batch if self.exact_prefill else 0
         n_heads = self.heads_info["n_heads"] if self.heads_info else self.tree.max_depth
+        # the largest tree "auto" may pick: inside the exact region, the batch and 64 nodes
+        self.max_auto_nodes = max(1, min(64, n_batch, self.exact_batch if self.exact else 64))
         # the context gets one sequence per leaf; check before allocating anything
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
+        n_seq = max(1, self.max_auto_nodes - 1 if self.auto else self.tree.n_leaves)
         try:
-            self.ctx = native.Context(self.model, n_ctx, n_batch, self.n_threads, max(1, self.tree.n_leaves), f32_kv, fa,
+            self.ctx = native.Context(self.model, n_ctx, n_batch, self.n_threads, n_seq, f32_kv, fa,
                                       n_ubatch, self.n_threads_batch)
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
@@ -221,10 +225,45 @@ class Engine:
             except (RuntimeError, ValueError) as e:
                 raise HeadsError(str(e)) from None
         self._shapes: dict[int, tuple[Tree, object]] = {}
-        # Opt-in (experimental): adapt the tree's depth per step to this device's measured costs.
-        # Off by default: on sub-millisecond steps the load-time cost measurement is too noisy.
-        self.adaptive = bool(adaptive)
-        self._costs = self._measure_costs() if self.adaptive and self.tree.n_nodes > 1 else None
+        self.costs: Optional[tune.Costs] = None
+        self.plan: Optional[tune.Plan] = None
+        self.live: Optional[tune.LiveAcceptance] = None
+        if self.auto and self.max_auto_nodes >= 2:
+            self._tune(exactness.cache_key(model_path, n_threads=n_threads, flash_attn=fa, f32_kv=f32_kv,
+                                           n_gpu_layers=n_gpu_layers))
+
+    def _tune(self, device_key: str) -> None:
+        """tree="auto": this device's step costs (measured once, cached per device, model, heads
+        and settings), the heads' accuracies (from the heads file, else the Vicuna-7B prior), and
+        the tree with the most expected tokens per second; none when plain decoding is faster."""
+        key = tune.cache_key(device_key, self.heads_path, self.max_auto_nodes, self.ctx.n_ctx)
+
+        def measure():
+            if self.verbose:
+                print("medusa-edge: measuring verification costs on this device (once)", file=sys.stderr)
+            return tune.measure_costs(self.ctx, native, self.model, self.heads, max_batch=self.max_auto_nodes)
+
+        self.costs, _ = tune.cached_costs(key, measure)
+        n_heads = self.heads.n_heads
+        acc = self.heads_info.get("rank_accuracy") or tune.VICUNA_7B_PROFILE
+        prior = np.zeros((n_heads, tune.MAX_RANK))
+        for i in range(min(n_heads, len(acc))):
+            row = list(acc[i])[: tune.MAX_RANK]
+            prior[i, : len(row)] = row
+        self.live = tune.LiveAcceptance(prior)
+        self._replan()
+
+    #: Steps of live acceptance between two plans of the auto tree.
+    REPLAN_EVERY = 64
+
+    def _replan(self) -> None:
+        acc = self.live.estimate()
+        self.plan = tune.plan(acc, self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads)
+        paths = tuple(tuple(p) for p in self.plan.paths)
+        if paths != self.tree.paths:
+            self.tree = Tree.from_paths(self.plan.paths)
+            self._shapes.clear()
+        self._planned_at = self.live.steps
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_heads_match(self, path: str, info: dict) -> None:
@@ -245,48 +284,22 @@ class Engine:
     #: cold start at near-ties; Medusa still equals plain decoding, which prefills the same way).
     MIN_EXACT_UBATCH = 32
 
-    #: Largest default tree on a CPU. Verifying B tokens at once costs about 1.95x one token at
-    #: B=2, 2.5x at 4, 3.5x at 8 and 19x at 64 on a 2-core AVX2 CPU (measured in an earlier session), so
-    #: the reference's 64-token trees (tuned for A100s) lose there; a short chain pays best.
-    CPU_MAX_DEFAULT_NODES = 8
-
-    def _choose_tree(self, tree, on_gpu: bool) -> Tree:
-        """The caller's tree; else the heads file's; else the reference default cut to the heads.
-        Without a GPU, a default tree of more than CPU_MAX_DEFAULT_NODES becomes a 3-chain."""
-        if tree is not None:
-            return Tree.resolve(tree)
-        if self.heads_info is None:
+    def _choose_tree(self, tree) -> Tree:
+        """A fixed tree: the caller's; "heads" for the one stored in the heads file (else the
+        reference's default cut to the heads); root-only without heads."""
+        if tree is None and self.heads_info is None:
             return Tree.from_paths([])
-        n_heads = self.heads_info["n_heads"]
-        if self.heads_info.get("tree"):
-            import json
+        if tree == "heads":
+            if self.heads_info is None:
+                raise TreeError('tree="heads" needs a heads file')
+            if self.heads_info.get("tree"):
+                import json
 
-            t = Tree.from_paths(json.loads(self.heads_info["tree"]))
-        else:
-            t = Tree.from_paths(PRESETS["mc_sim_7b_63"]).truncated(n_heads)
-        if not on_gpu and t.n_nodes > self.CPU_MAX_DEFAULT_NODES:
-            return Tree.from_paths(chain(min(3, n_heads)))
-        return t
-
-    def _measure_costs(self, reps: int = 3) -> list[float]:
-        """Seconds per step for each depth cut of the tree on this device: verification plus the
-        heads that cut reads (best of ``reps``)."""
-        costs = []
-        for d in range(self.tree.max_depth + 1):
-            t, shape = self._shape(d, self.tree.n_nodes)
-            toks = np.full(t.n_nodes, self.model.bos if self.model.bos >= 0 else 0, np.int32)
-            best = float("inf")
-            for _ in range(reps):
-                self.ctx.truncate(0)
-                t0 = time.perf_counter()
-                self.ctx.decode_tree(shape, toks, 0)
-                self.ctx.argmax(t.n_nodes)
-                if d > 0 and self.heads is not None:
-                    self.heads.propose(self.ctx, 0, t.max_rank + 1, d)
-                best = min(best, time.perf_counter() - t0)
-            costs.append(best)
-        self.ctx.truncate(0)
-        return costs
+                return Tree.from_paths(json.loads(self.heads_info["tree"]))
+            return Tree.from_paths(PRESETS["mc_sim_7b_63"]).truncated(self.heads_info["n_heads"])
+        if tree == "auto":
+            return Tree.from_paths([])  # without heads there is nothing to tune
+        return Tree.resolve(tree)
 
     def _shape(self, max_depth: int, max_nodes: int) -> tuple[Tree, object]:
         """The tree cut to ``max_depth`` and then to its first ``max_nodes`` nodes (node order is
@@ -366,8 +379,6 @@ class Engine:
         n_heads = self.heads.n_heads if self.heads is not None else self.tree.max_depth
         stats.head_accepts = [0] * n_heads
         sampler = self._sampler(params)
-        policy = DepthPolicy(self._costs) if self._costs else None
-        stats.depth_policy = policy
         token = object()
         self._claim(token)
         t0 = time.perf_counter()
@@ -400,7 +411,7 @@ class Engine:
             while True:
                 remaining = budget - len(generated)
                 # the tree must fit both the tokens still wanted and the free KV cells
-                depth = 0 if row is None else min(policy.choose(), tree_depth) if policy else tree_depth
+                depth = 0 if row is None else tree_depth
                 tree, shape = self._shape(min(remaining - 1, depth), self.n_ctx - n_past)
                 # propose: the heads' top-k at the position that produced the root
                 th = time.perf_counter()
@@ -423,8 +434,8 @@ class Engine:
                 new = [int(t) for t in tokens[path[1:]]] + [int(root)]
                 stats.steps += 1
                 stats.accepted_hist[len(path) - 1] += 1
-                if policy:
-                    policy.update(tree.max_depth, len(path) - 1)
+                if self.live is not None and tree.n_nodes > 1:
+                    self.live.update(tree, path)
                 for d in range(len(path) - 1):
                     stats.head_accepts[d] += 1
                 stop = next((i for i, t in enumerate(new) if self.model.is_eog(t)), None)
@@ -440,6 +451,8 @@ class Engine:
                     return
         finally:
             stats.t_total = time.perf_counter() - t0
+            if self.live is not None and self.live.steps - self._planned_at >= self.REPLAN_EVERY:
+                self._replan()  # between generations: the next one uses the refined tree
             self._release(token)
 
     def _commit(self, shape, tokens: np.ndarray, path: list[int], n_past: int, stats: Stats) -> int:

@@ -123,6 +123,7 @@ def heads_info(meta: GgufMeta) -> dict:
         "n_vocab": meta.get_int(schema.KEY_VOCAB_SIZE, 1, MAX_DIM),
         "shared_output": meta.get_bool(schema.KEY_SHARED_OUTPUT, False),
         "tree": meta.get_str(schema.KEY_TREE),
+        "rank_accuracy": meta.get_str(schema.KEY_RANK_ACCURACY),
         "base_vocab_hash": meta.get_str(schema.KEY_BASE_VOCAB_HASH),
         "schema_version": version,
     }
@@ -139,7 +140,30 @@ def heads_info(meta: GgufMeta) -> dict:
         )
     if info["tree"] is not None:
         _check_tree(meta, info["tree"], info["n_heads"])
+    if info["rank_accuracy"] is not None:
+        info["rank_accuracy"] = _check_rank_accuracy(meta, info["rank_accuracy"], info["n_heads"])
     return info
+
+
+def _check_rank_accuracy(meta: GgufMeta, text: str, n_heads: int) -> list:
+    """medusa.rank_accuracy: JSON [n_heads][k] of probabilities, each head's summing to at most 1."""
+    def bad(why):
+        return meta.fail(f"{schema.KEY_RANK_ACCURACY} is not valid: {why}")
+
+    if len(text) > 64 * 1024:
+        raise bad("longer than 64 KiB")
+    try:
+        acc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"not JSON ({type(e).__name__})") from None
+    if not isinstance(acc, list) or len(acc) != n_heads:
+        raise bad(f"not a list of {n_heads} lists (one per head)")
+    for row in acc:
+        if not isinstance(row, list) or not 1 <= len(row) <= 64:
+            raise bad("each head needs a list of 1 to 64 accuracies")
+        if any(type(a) not in (int, float) or not 0.0 <= a <= 1.0 for a in row) or sum(row) > 1.0 + 1e-3:
+            raise bad("accuracies must be numbers in [0, 1] summing to at most 1 per head")
+    return [[float(a) for a in row] for row in acc]
 
 
 def _check_tree(meta: GgufMeta, text: str, n_heads: int) -> None:

@@ -27,6 +27,7 @@ class HeadsMeta:
     shared_output: bool
     tree: Optional[Sequence[Sequence[int]]]
     base_vocab_hash: str
+    rank_accuracy: Optional[Sequence[Sequence[float]]] = None  # [n_heads][k], see schema
 
 
 def write_heads_gguf(
@@ -74,6 +75,8 @@ def _add_heads_meta(w, meta: HeadsMeta, head_type: str) -> None:
     w.add_bool(schema.KEY_SHARED_OUTPUT, meta.shared_output)
     if meta.tree is not None:
         w.add_string(schema.KEY_TREE, json.dumps([list(map(int, p)) for p in meta.tree]))
+    if meta.rank_accuracy is not None:
+        w.add_string(schema.KEY_RANK_ACCURACY, json.dumps([[round(float(a), 5) for a in r] for r in meta.rank_accuracy]))
     w.add_uint32(schema.KEY_BASE_VOCAB_SIZE, meta.n_vocab)
     w.add_uint32(schema.KEY_BASE_EMBEDDING_LENGTH, meta.n_embd)
     w.add_string(schema.KEY_BASE_VOCAB_HASH, meta.base_vocab_hash)

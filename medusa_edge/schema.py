@@ -12,6 +12,9 @@ Keys (all under ``medusa.`` unless noted):
   vocab_size                u32   V
   shared_output             bool  true: heads have no W_out and reuse the base lm_head ("version 2")
   tree                      str   JSON list of paths, the default tree for this head set
+  rank_accuracy             str   optional: JSON [n_heads][k] floats in [0, 1], the held-out probability
+                                  that head i's rank-r guess is the base's token (top-k accuracies are
+                                  the prefix sums); written by the trainer, read by the tree tuner
   base.vocab_size           u32   fingerprint of the base model the heads were trained on
   base.embedding_length     u32
   base.vocab_hash           str   16 hex digits, FNV-1a 64 over the base's token texts, each NUL-terminated
@@ -36,6 +39,7 @@ KEY_EMBEDDING_LENGTH = "medusa.embedding_length"
 KEY_VOCAB_SIZE = "medusa.vocab_size"
 KEY_SHARED_OUTPUT = "medusa.shared_output"
 KEY_TREE = "medusa.tree"
+KEY_RANK_ACCURACY = "medusa.rank_accuracy"
 KEY_BASE_VOCAB_SIZE = "medusa.base.vocab_size"
 KEY_BASE_EMBEDDING_LENGTH = "medusa.base.embedding_length"
 KEY_BASE_VOCAB_HASH = "medusa.base.vocab_hash"

@@ -280,39 +280,3 @@ def accept_typical(
             if key > best_key:
                 best, best_key = j, key
     return tree.path_to(best)
-
-
-class DepthPolicy:
-    """Per step, how deep a cut of the tree to verify, so that a tree never costs more than it pays.
-
-    Cutting a tree by depth leaves acceptance at the kept depths unchanged, so with
-    P_k = P(a step accepts at least k candidates), a cut at depth d yields 1 + sum_{k<=d} P_k
-    tokens per forward and costs ``costs[d]`` seconds (measured on this device). The policy picks
-    the d with the most expected tokens per second; d = 0 is plain decoding. P_k starts
-    optimistic (1.0) and is learnt from the steps that could accept k; every ``probe_every``
-    steps the full tree runs, so estimates for deep levels stay fresh.
-    """
-
-    def __init__(self, costs: Sequence[float], probe_every: int = 32):
-        self.costs = list(costs)  # [max_depth + 1] seconds per verification at each depth cut
-        self.tried = [0] * len(costs)  # steps whose tree reached depth k
-        self.hit = [0] * len(costs)  # ... and accepted at least k candidates
-        self.probe_every = probe_every
-        self.steps = 0
-
-    def p_accept(self, k: int) -> float:
-        return (self.hit[k] + 1) / (self.tried[k] + 1)
-
-    def expected_rate(self, d: int) -> float:
-        return (1.0 + sum(self.p_accept(k) for k in range(1, d + 1))) / self.costs[d]
-
-    def choose(self) -> int:
-        self.steps += 1
-        if self.steps % self.probe_every == 1:
-            return len(self.costs) - 1
-        return max(range(len(self.costs)), key=self.expected_rate)
-
-    def update(self, depth_used: int, n_accepted: int) -> None:
-        for k in range(1, depth_used + 1):
-            self.tried[k] += 1
-            self.hit[k] += n_accepted >= k

@@ -324,27 +324,15 @@ def test_statistics_shape(models):
     assert s["time_total_s"] >= s["time_decode_s"] + s["time_heads_s"]
 
 
-def test_adaptive_depth_is_lossless(models, plain):
-    """adaptive=True: the depth is chosen per step from measured costs; the output is unchanged."""
-    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, adaptive=True, **F32)
-    assert e.adaptive and len(e._costs) == e.tree.max_depth + 1 and all(c > 0 for c in e._costs)
-    p = e.model.tokenize("between the school and the river", True, False)
-    truth = ids_of(plain, p, GREEDY, 80)
-    st = Stats()
-    assert ids_of(e, p, GREEDY, 80, stats=st) == truth
-    assert st.depth_policy is not None and st.depth_policy.steps == st.steps - 1  # the first step is root-only
-    assert not Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, **F32).adaptive
-
-
-def test_default_tree_is_small_on_cpu(models, tmp_path):
-    """The reference's 64-token tree as a heads file's default becomes a short chain without a GPU;
-    an explicit tree is always kept."""
+def test_stored_and_explicit_trees(models, tmp_path):
+    """tree="heads" is the tree stored in the heads file; an explicit tree is kept as given (the
+    default, "auto", is planned from measured costs: test_tune.py)."""
     from medusa_edge.testing import write_random_heads
 
     h = str(tmp_path / "big.medusa.gguf")
     write_random_heads(h, models["f32"], n_heads=4, tree=Tree.resolve("mc_sim_7b_63").paths)
-    assert Engine(models["f32"].path, h, n_ctx=256).tree.paths == ((0,), (0, 0), (0, 0, 0))
-    assert Engine(models["f32"].path, h, n_ctx=256, tree="mc_sim_7b_63").tree.n_nodes == 64
+    assert Engine(models["f32"].path, h, n_ctx=256, tree="heads", **F32).tree.n_nodes == 64
+    assert Engine(models["f32"].path, h, n_ctx=256, tree="chain:2", **F32).tree.paths == ((0,), (0, 0))
     small = str(tmp_path / "small.medusa.gguf")
     write_random_heads(small, models["f32"], n_heads=4, tree=[[0], [1], [0, 0]])
-    assert Engine(models["f32"].path, small, n_ctx=256).tree.n_nodes == 4
+    assert Engine(models["f32"].path, small, n_ctx=256, tree="heads").tree.n_nodes == 4

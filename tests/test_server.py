@@ -13,6 +13,7 @@ import time
 import pytest
 
 from medusa_edge import cli
+from medusa_edge.demo import demo_model_path
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -36,7 +37,7 @@ class ServerProcess:
         self.log_path = log_path
         self.log_file = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "medusa_edge.cli", "serve", "--port", str(self.port), *args],
+            [sys.executable, "-m", "medusa_edge.cli", "serve", demo_model_path(), "--port", str(self.port), *args],
             stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
 

@@ -51,7 +51,8 @@ def trained(tmp_path_factory):
     out = str(d / "loopy.medusa.gguf")
     logs = []
     t0 = time.perf_counter()
-    summary = th.train(_args(base.path, data, out, "--steps", "200", "--save-every", "100", "--eval-every", "100"), log=logs.append)
+    summary = th.train(_args(base.path, data, out, "--steps", "200", "--save-every", "100", "--eval-every", "100",
+                             "--keep-checkpoint"), log=logs.append)
     print(f"\ntraining run: {time.perf_counter() - t0:.1f} s")
     print("\n".join(logs))
     return {"dir": d, "base": base, "data": data, "out": out, "summary": summary, "logs": logs}
@@ -165,7 +166,7 @@ def test_cache_reused_and_resume(trained, tmp_path):
     before = open(trained["out"], "rb").read()
     logs = []
     s = th.train(_args(trained["base"].path, trained["data"], trained["out"], "--steps", "200", "--save-every", "100",
-                       "--eval-every", "100", "--resume"), log=logs.append)
+                       "--eval-every", "100", "--resume", "--keep-checkpoint"), log=logs.append)
     assert any("resumed from" in l and "step 200" in l for l in logs), logs
     assert s["time_data_s"] < 1.0
     assert open(trained["out"], "rb").read() == before
@@ -198,6 +199,44 @@ def test_interrupted_run_resumes_exactly(trained, tmp_path, monkeypatch):
     th.train(_args(trained["base"].path, trained["data"], part, *common, "--resume"), log=logs.append)
     assert any("resumed from" in l and "step 10" in l for l in logs), logs
     assert open(part, "rb").read() == open(full, "rb").read()
+
+
+def test_checkpoint_removed_and_accuracies_stored(trained, tmp_path):
+    """By default the checkpoint is deleted once the heads are written (the summary says how big it
+    was); the held-out per-rank accuracies are stored in the heads file for the tree tuner."""
+    from medusa_edge.engine import read_heads_info
+
+    out = str(tmp_path / "clean.medusa.gguf")
+    cache = str(trained["out"])[:-5] + ".data"
+    s = th.train(_args(trained["base"].path, trained["data"], out, "--steps", "12", "--save-every", "5", "--cache", cache),
+                 log=lambda *a: None)
+    assert not os.path.exists(str(tmp_path / "clean.medusa.ckpt.pt"))
+    assert s["checkpoint"].startswith("removed (")
+    acc = read_heads_info(out)["rank_accuracy"]
+    assert len(acc) == N_HEADS and all(len(r) == th.MAX_RANK for r in acc)
+    np.testing.assert_allclose([r[0] for r in acc], s["heldout_top1"], atol=1e-4)
+    assert s["history"][0]["step"] == 0 and s["history"][-1]["step"] == 12
+
+
+def test_batched_generation_matches_one_at_a_time(trained):
+    """Sequences generated 8 at a time (continuous batching, prompts of different lengths) give
+    the same greedy tokens, and hidden states within float noise, as one at a time."""
+    prompts = th.load_prompts(trained["data"])[:12]
+    base = th.BaseModel(trained["base"].path, 128, 1, chat="off")
+    jobs = [(i, base.prompt_tokens(p, 64)) for i, p in enumerate(prompts)]
+    runs = []
+    for parallel in (1, 8):
+        g = th.BatchedGenerator(trained["base"].path, parallel, 64 + GEN + 2, 1)
+        runs.append({k: (o, h) for k, o, h in g.run(jobs, GEN)})
+        g.close()
+    assert sorted(runs[0]) == sorted(runs[1]) == list(range(12))
+    for k in range(12):
+        (o1, h1), (o8, h8) = runs[0][k], runs[1][k]
+        assert o1 == o8 and len(o1) == GEN and h1.shape == (GEN, base.n_embd)
+        np.testing.assert_allclose(h8, h1, atol=1e-3 * np.abs(h1).max())
+    # row 0 is the engine's hidden state after the prefill
+    h0 = base.hidden_after_prefill(jobs[3][1])
+    np.testing.assert_allclose(runs[1][3][1][0], h0, atol=1e-3 * np.abs(h0).max())
 
 
 def test_shared_output_heads_load(trained, tmp_path):

@@ -111,30 +111,3 @@ def test_accept_typical_by_hand():
     t2 = Tree.from_paths([[0], [1]])
     both = np.array([0.0, 0.4, 0.6, 0.0])
     assert accept_typical(t2, np.array([0, 1, 2]), lambda n: both) == [0, 2]
-
-
-def test_depth_policy_follows_costs_and_acceptance():
-    from medusa_edge.tree import DepthPolicy
-
-    # verification nearly free (an H100): always-accepted candidates make the full depth best
-    p = DepthPolicy([1.0, 1.1, 1.2], probe_every=1000)
-    for _ in range(20):
-        d = p.choose()
-        p.update(d, d)
-    assert p.choose() == 2
-    # the same acceptance on a device where verifying 3 tokens costs 5x one: plain decoding wins
-    p = DepthPolicy([1.0, 3.0, 5.0], probe_every=1000)
-    assert p.choose() == 2  # the first step probes the full tree
-    p.update(2, 2)
-    assert p.choose() == 0
-    # cheap verification but nothing ever accepted: learns to stop paying for the tree
-    p = DepthPolicy([1.0, 1.3, 1.6], probe_every=1000)
-    picks = []
-    for _ in range(30):
-        d = p.choose()
-        picks.append(d)
-        p.update(d, 0)
-    assert picks[0] == 2 and picks[-1] == 0
-    # periodic probes of the full tree keep deep estimates fresh
-    p = DepthPolicy([1.0, 3.0, 5.0], probe_every=4)
-    assert [p.choose() for _ in range(5)] == [2, 0, 0, 0, 2]

@@ -1,0 +1,245 @@
+"""Assistant-style prompts for self-distillation: what people ask a chat model, generated.
+
+    python -m medusa_edge.prompt_gen -n 3000 --seed 0 -o prompts.jsonl [--heldout heldout.jsonl]
+
+Medusa heads learn what the base writes after the prompts they are trained on, so the prompts
+should look like the ones they will serve. This generator combines task templates (explain,
+list, compare, how-to, write, summarise, code, maths, advice, rewrite, classify, plan) with
+topics from many fields, and fills maths and code tasks with random numbers and small problems.
+It is deterministic for a seed.
+
+Held-out split: every topic belongs to one split (a fixed hash of its text), so held-out
+prompts are about topics the training prompts never mention, not paraphrases of them.
+Nothing here is taken from MT-Bench; the benchmark prompts stay unseen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+
+TOPICS = {
+    "science": [
+        "photosynthesis", "black holes", "plate tectonics", "the water cycle", "DNA replication", "vaccines",
+        "the greenhouse effect", "quantum entanglement", "natural selection", "the immune system", "volcanoes",
+        "the speed of light", "antibiotic resistance", "the periodic table", "ocean tides", "earthquakes",
+        "nuclear fusion", "the human heart", "rainbows", "magnetism", "the big bang", "sleep", "gravity",
+        "cloud formation", "the nitrogen cycle", "coral reefs", "stem cells", "climate change", "lightning",
+        "the moon's phases", "entropy", "enzymes", "dark matter", "bird migration", "the nervous system",
+    ],
+    "technology": [
+        "how the internet works", "machine learning", "public key cryptography", "solar panels", "electric cars",
+        "GPS", "databases", "cloud computing", "blockchains", "3D printing", "compilers", "Wi-Fi", "lithium batteries",
+        "operating systems", "search engines", "recommendation systems", "password managers", "open source software",
+        "version control with git", "neural networks", "web browsers", "virtual memory", "containers and Docker",
+        "smartphone cameras", "data compression", "email spam filters", "large language models", "wind turbines",
+    ],
+    "history": [
+        "the Roman Empire", "the printing press", "the Industrial Revolution", "the French Revolution",
+        "the Silk Road", "ancient Egypt", "the Renaissance", "the space race", "the Cold War", "the Ming dynasty",
+        "the invention of the telephone", "the fall of the Berlin Wall", "the Maya civilisation", "the Vikings",
+        "the history of vaccines", "the Ottoman Empire", "the abolition of slavery", "the first moon landing",
+        "the history of money", "the Black Death", "ancient Greek democracy", "the invention of writing",
+    ],
+    "economics": [
+        "inflation", "compound interest", "supply and demand", "index funds", "budgeting", "credit scores",
+        "recessions", "taxes", "opportunity cost", "international trade", "central banks", "the stock market",
+        "startups", "minimum wage", "insurance", "mortgages", "cryptocurrency", "retirement savings",
+    ],
+    "health": [
+        "a balanced diet", "regular exercise", "stress", "hydration", "posture at a desk", "running a first 5K",
+        "healthy sleep habits", "meditation", "strength training", "vitamin D", "screen time", "seasonal allergies",
+        "stretching", "cooking at home", "reducing sugar", "walking every day", "caffeine",
+    ],
+    "everyday": [
+        "cooking rice", "a job interview", "moving to a new city", "learning a language", "keeping houseplants alive",
+        "packing for a trip", "saving money on groceries", "cleaning a kitchen", "writing a CV", "public speaking",
+        "making new friends", "time management", "a birthday party", "adopting a dog", "buying a used car",
+        "growing tomatoes", "remote work", "a long flight", "decluttering", "baking bread", "starting a podcast",
+        "a camping trip", "negotiating a salary", "a wedding speech", "learning to swim", "training a puppy",
+    ],
+    "culture": [
+        "jazz", "haiku", "impressionist painting", "the Olympic Games", "chess", "science fiction", "street food",
+        "Shakespeare", "classical music", "film noir", "origami", "video games", "photography", "architecture",
+        "board games", "poetry", "the history of football", "tea ceremonies", "comic books", "opera", "mythology",
+    ],
+    "nature": [
+        "rainforests", "deserts", "honey bees", "whales", "mountains", "rivers", "owls", "octopuses", "wolves",
+        "the Arctic", "mushrooms", "butterflies", "penguins", "elephants", "tropical storms", "autumn leaves",
+        "sharks", "cacti", "the Sahara", "wetlands", "ants", "tigers", "glaciers",
+    ],
+}
+
+PLACES = ["Lisbon", "Kyoto", "a small mountain village", "Mars", "a lighthouse", "a busy train station", "Nairobi",
+          "a space station", "an old library", "Buenos Aires", "a farm", "the deep sea", "Reykjavik", "a desert town"]
+CHARACTERS = ["a curious robot", "a retired sailor", "a young inventor", "a talking cat", "a lonely astronaut",
+              "a baker", "two old friends", "a detective", "a shy dragon", "a grandmother", "a street musician", "a fox"]
+AUDIENCES = ["a five-year-old", "a high-school student", "a busy manager", "a beginner", "an expert", "my grandmother",
+             "a new employee", "a tourist"]
+LANGS = ["Python", "JavaScript", "C", "Rust", "Go", "Java", "SQL", "Bash", "C++", "TypeScript"]
+CODE_TASKS = [
+    "reverses a string", "checks whether a number is prime", "counts the words in a text file",
+    "finds the largest element of a list", "merges two sorted lists", "computes the Fibonacci numbers up to n",
+    "removes duplicates from a list while keeping the order", "converts Celsius to Fahrenheit",
+    "checks whether a string is a palindrome", "sorts a list of names alphabetically", "parses a CSV line",
+    "computes the factorial of n", "returns the n most common words in a text", "validates an email address",
+    "implements binary search", "flattens a nested list", "computes the average of a list of numbers",
+    "finds all pairs of numbers in a list that sum to a target", "reads a JSON file and prints its keys",
+    "implements a stack with push and pop", "converts a number to Roman numerals", "computes the GCD of two numbers",
+    "transposes a matrix", "checks whether two strings are anagrams", "generates a random password",
+]
+WRITE_KINDS = ["a short story", "a poem", "a limerick", "a haiku", "a product description", "a cover letter",
+               "a thank-you note", "a blog post introduction", "a speech", "a short dialogue", "a news headline and lede",
+               "a fable", "a song chorus", "a recipe introduction", "a tweet"]
+EMAIL_PURPOSES = ["asking for a day off", "inviting colleagues to a workshop", "apologising for a late delivery",
+                  "following up after a meeting", "requesting a refund", "introducing a new team member",
+                  "asking a professor for a recommendation letter", "declining an invitation politely"]
+ADVICE = ["I can't fall asleep at night", "I want to change careers", "I procrastinate a lot",
+          "my flatmate is messy", "I am nervous about an exam", "I want to read more books",
+          "I feel unmotivated at work", "I want to start exercising", "I have too many meetings",
+          "I want to learn to code", "I forget people's names", "my team misses deadlines",
+          "I want to eat healthier on a budget", "I have a long commute", "I want to save for a house"]
+
+TEMPLATES = {
+    "explain": [
+        "Explain {t} in simple terms.", "What is {t}?", "How does {t} work?", "Can you explain {t} to {a}?",
+        "Why is {t} important?", "Give me a short introduction to {t}.", "What should everyone know about {t}?",
+        "Explain the basic idea behind {t} in three paragraphs.", "I never understood {t}. Can you help?",
+    ],
+    "list": [
+        "List five interesting facts about {t}.", "Give me {n} tips about {t}.", "What are the main advantages and disadvantages of {t}?",
+        "List the key terms someone learning about {t} should know.", "Name {n} common misconceptions about {t}.",
+        "What are {n} questions I could ask an expert on {t}?", "Give me a checklist for {t}.",
+    ],
+    "compare": [
+        "Compare {t} and {u}.", "What is the difference between {t} and {u}?", "Which is more interesting, {t} or {u}? Explain.",
+        "How are {t} and {u} similar?", "Write a short comparison table of {t} and {u}.",
+    ],
+    "howto": [
+        "How do I get started with {t}?", "Give me step-by-step instructions for {t}.", "What is the best way to learn about {t}?",
+        "How can I explain {t} to {a}?", "Walk me through {t} for a complete beginner.",
+    ],
+    "write": [
+        "Write {w} about {t}.", "Write {w} set in {p}.", "Write {w} about {c}.", "Write {w} about {c} in {p}.",
+        "Compose {w} that mentions {t}.", "Write {w} for {a} about {t}.",
+    ],
+    "email": ["Write an email {e}.", "Draft a short, polite email {e}.", "Help me write a message {e}."],
+    "summarise": [
+        "Summarise what is known about {t} in a few sentences.", "Give me a one-paragraph summary of {t}.",
+        "Summarise the history of {t} for {a}.", "What are the three most important points about {t}?",
+        "TL;DR of {t}, please.",
+    ],
+    "code": [
+        "Write a {l} function that {k}.", "How do I write a program in {l} that {k}?", "Show me {l} code that {k}, with comments.",
+        "Write a {l} function that {k}, and explain how it works.", "What is a clean way in {l} to write code that {k}?",
+        "Explain what a function that {k} does, then write it in {l}.",
+    ],
+    "maths": [
+        "What is {x} times {y}?", "What is {x} plus {y} minus {z}?", "If a shirt costs {x} dollars and is {pc}% off, what is the price?",
+        "Solve for x: {a1}x + {b1} = {c1}.", "A train travels {x} km in {h} hours. What is its average speed?",
+        "What is {pc}% of {x}?", "How many minutes are there in {h} days?", "Is {x} a prime number? Explain.",
+        "What is the area of a rectangle {h} m wide and {y} m long?", "Convert {x} kilometres to miles.",
+        "If I save {y} dollars a month, how long until I have {x} dollars?", "What is the square root of {sq}?",
+    ],
+    "advice": [
+        "{v}. What should I do?", "{v}. Any advice?", "Can you help me? {v}.", "{v}. Give me a plan for the next week.",
+        "My friend says: \"{v}.\" How can I help them?",
+    ],
+    "rewrite": [
+        "Rewrite this sentence to sound more formal: \"hey, {t} is kind of cool, you should check it out.\"",
+        "Make this clearer: \"The thing about {t} is that it is a thing that matters for a lot of reasons.\"",
+        "Turn this into a bulleted list: {t} is old, it is studied widely, it changes over time, and people disagree about it.",
+        "Correct the grammar: \"me and him goes to learn about {t} yesterday and it were great.\"",
+        "Rewrite for {a}: \"{T} involves complex interactions that are not fully understood.\"",
+    ],
+    "classify": [
+        "Is {t} a topic in science, history, economics or culture? Explain briefly.",
+        "Sort these into categories: {t}, {u}, {t2}.", "Which of these is the odd one out: {t}, {u}, {t2}? Why?",
+    ],
+    "plan": [
+        "Make a one-week study plan to learn about {t}.", "Plan a day trip to {p}.", "Create a 30-day plan for {t}.",
+        "Outline a presentation about {t} for {a}.", "Plan a lesson about {t} for {a}.",
+        "Give me an itinerary for three days in {p}.",
+    ],
+}
+
+
+def _split_of(text: str, heldout_frac: float) -> str:
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") / 2**32
+    return "heldout" if h < heldout_frac else "train"
+
+
+def _pools(split: str, heldout_frac: float) -> dict:
+    """The topics, places and characters of one split."""
+    def pick(xs):
+        ys = [x for x in xs if _split_of(x, heldout_frac) == split]
+        return ys or list(xs)  # every pool keeps at least one entry
+
+    topics = pick([t for ts in TOPICS.values() for t in ts])
+    return {"t": topics, "p": pick(PLACES), "c": pick(CHARACTERS), "k": pick(CODE_TASKS), "v": pick(ADVICE),
+            "e": pick(EMAIL_PURPOSES)}
+
+
+def generate(n: int, seed: int = 0, split: str = "train", heldout_frac: float = 0.1) -> list[str]:
+    """``n`` prompts of one split ("train" or "heldout"), deterministic for ``seed``; every task
+    kind appears about equally often."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    rng = random.Random(f"{seed}:{split}")
+    pools = _pools(split, heldout_frac)
+    kinds = sorted(TEMPLATES)
+    out, seen = [], set()
+    attempts = 0
+    while len(out) < n and attempts < 50 * n + 100:
+        attempts += 1
+        kind = kinds[len(out) % len(kinds)] if attempts <= n else rng.choice(kinds)
+        tmpl = rng.choice(TEMPLATES[kind])
+        t, u, t2 = rng.sample(pools["t"], 3) if len(pools["t"]) >= 3 else (pools["t"] * 3)[:3]
+        x = rng.choice([rng.randint(2, 99), rng.randint(100, 999), rng.randint(1000, 20000)])
+        fields = dict(
+            t=t, T=t[:1].upper() + t[1:], u=u, t2=t2, a=rng.choice(AUDIENCES), n=rng.choice([3, 4, 5, 7, 10]),
+            w=rng.choice(WRITE_KINDS), p=rng.choice(pools["p"]), c=rng.choice(pools["c"]), l=rng.choice(LANGS),
+            k=rng.choice(pools["k"]), e=rng.choice(pools["e"]), v=rng.choice(pools["v"]), x=x,
+            y=rng.randint(2, 500), z=rng.randint(1, 99), h=rng.randint(2, 12), pc=rng.choice([5, 10, 15, 20, 25, 30, 40, 50, 75]),
+            a1=rng.randint(2, 12), b1=rng.randint(1, 50), c1=rng.randint(51, 200), sq=rng.randint(2, 30) ** 2,
+        )
+        text = tmpl.format(**fields)
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medusa_edge.prompt_gen", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", type=int, default=3000, help="training prompts to write (default 3000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("-o", "--output", default="-", help="JSONL file for the training prompts (default: stdout)")
+    p.add_argument("--heldout", help="also write held-out prompts (on topics the training split never uses) here")
+    p.add_argument("--n-heldout", type=int, default=200, help="held-out prompts (default 200)")
+    p.add_argument("--heldout-frac", type=float, default=0.1, help="share of topics reserved for the held-out split (default 0.1)")
+    args = p.parse_args(argv)
+
+    def write(path, prompts):
+        f = sys.stdout if path == "-" else open(path, "w", encoding="utf-8")
+        try:
+            for t in prompts:
+                f.write(json.dumps({"prompt": t}, ensure_ascii=False) + "\n")
+        finally:
+            if f is not sys.stdout:
+                f.close()
+
+    write(args.output, generate(args.n, args.seed, "train", args.heldout_frac))
+    if args.heldout:
+        write(args.heldout, generate(args.n_heldout, args.seed, "heldout", args.heldout_frac))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

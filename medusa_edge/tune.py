@@ -1,0 +1,309 @@
+"""The tree that pays best on this device: ``tree="auto"``.
+
+A Medusa step costs one verification forward of the tree's B nodes, one heads pass and some
+host work; it commits 1 + the accepted candidates. Whether that beats plain decoding depends on
+how t(B) grows with B on the device (nearly linear on a small CPU model, nearly flat on a GPU,
+with kernel switches in between) and on how often the heads are right. So:
+
+1. ``measure_costs`` times verification forwards of B = 1..64 tokens in the loaded context, in
+   interleaved rounds until every median is known within a tolerance (or a time budget ends),
+   plus the heads pass and the host work of a step.
+2. ``grow_tree`` is Medusa's accuracy-driven construction: the node with the largest expected
+   acceptance (the product of the per-depth, per-rank accuracies along its path, assuming heads
+   are independent) joins the tree next, so every prefix of its order is the best tree of that
+   size under that model.
+3. ``plan`` scores each prefix as expected tokens per second, E(n) / (t(n) + heads + host), in
+   the spirit of Sequoia's hardware-aware trees, against plain decoding's 1 / (t(1) + host); it
+   returns no tree when none is ahead by ``margin``.
+
+Accuracies come from the heads file (``medusa.rank_accuracy``, written by the trainer) or a
+prior; the engine refines them from live acceptance (``LiveAcceptance``) and plans again.
+Everything here but ``measure_costs`` is a pure function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+#: Batch sizes measured (capped by the context); dense where kernels switch on CPUs and GPUs.
+BATCHES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
+#: Top-k per head the tuner may use.
+MAX_RANK = 10
+#: Published Medusa-1 accuracies on Vicuna-7B (the paper's Figure 4 and the reference repo's
+#: tree search inputs; top-1 about 0.60 for the first head): the prior for heads files that carry
+#: no measured accuracies, per head the probability that rank r is right.
+VICUNA_7B_PROFILE = [
+    [0.60, 0.10, 0.04, 0.025, 0.015, 0.01, 0.008, 0.006, 0.005, 0.004],
+    [0.45, 0.10, 0.05, 0.03, 0.02, 0.015, 0.01, 0.008, 0.006, 0.005],
+    [0.35, 0.09, 0.05, 0.03, 0.02, 0.015, 0.01, 0.008, 0.006, 0.005],
+    [0.30, 0.08, 0.045, 0.03, 0.02, 0.015, 0.01, 0.008, 0.006, 0.005],
+    [0.25, 0.07, 0.04, 0.025, 0.02, 0.015, 0.01, 0.008, 0.006, 0.005],
+]
+
+
+@dataclass
+class Costs:
+    """What a step costs on this device, in seconds."""
+
+    batch: list  # B measured, ascending, starting at 1
+    t_decode: list  # median seconds of one verification forward of B tokens
+    spread: list  # per B, relative half-width of the 95% interval of the median (0.02 = +-2%)
+    t_heads: list  # per number of heads used (index 0 = none): one heads pass, top-k MAX_RANK
+    t_host: float = 0.0  # host work of a tree step beside decode and heads (accept, commit, bookkeeping)
+    t_host_plain: float = 0.0  # the same for a plain step
+    rounds: int = 0
+
+    def decode(self, n: int) -> float:
+        """t(n): measured, interpolated linearly between measured sizes, extrapolated from the last two."""
+        b, t = self.batch, self.t_decode
+        if n <= b[0]:
+            return t[0]
+        for i in range(1, len(b)):
+            if n <= b[i]:
+                return t[i - 1] + (t[i] - t[i - 1]) * (n - b[i - 1]) / (b[i] - b[i - 1])
+        if len(b) == 1:
+            return t[0] * n
+        return t[-1] + (t[-1] - t[-2]) / (b[-1] - b[-2]) * (n - b[-1])
+
+    def heads(self, depth: int) -> float:
+        if depth <= 0 or not self.t_heads:
+            return 0.0
+        return self.t_heads[min(depth, len(self.t_heads) - 1)]
+
+    def ratio(self) -> list:
+        """t(B)/t(1) per measured B."""
+        return [round(x / self.t_decode[0], 3) for x in self.t_decode]
+
+
+@dataclass
+class Plan:
+    paths: list  # the chosen tree (no paths: plain decoding)
+    expected_tokens_per_step: float
+    expected_speedup: float  # expected tokens/s over plain decoding's
+    table: list = field(default_factory=list)  # per size n: (n, E(n), seconds per step, speedup)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.paths) + 1
+
+
+def grow_tree(rank_acc, n_nodes: int, max_depth: Optional[int] = None, max_rank: int = MAX_RANK) -> list:
+    """Medusa's greedy construction: paths in the order they join the tree (the root excluded),
+    each time the frontier node with the largest expected acceptance, the product of
+    ``rank_acc[d][r]`` along its path. Every prefix of the result is prefix-closed. Ties go to the
+    shallower, lower-ranked path, so the order is deterministic."""
+    acc = np.asarray(rank_acc, dtype=np.float64)
+    depth_cap = acc.shape[0] if max_depth is None else min(max_depth, acc.shape[0])
+    rank_cap = min(max_rank, acc.shape[1])
+    if depth_cap <= 0 or rank_cap <= 0 or n_nodes <= 1:
+        return []
+    order: list = []
+    frontier = {(0,): float(acc[0, 0])}
+    while frontier and len(order) < n_nodes - 1:
+        p = max(frontier, key=lambda q: (frontier[q], -len(q), tuple(-r for r in q)))
+        v = frontier.pop(p)
+        order.append(p)
+        if p[-1] + 1 < rank_cap:  # next sibling
+            s = p[:-1] + (p[-1] + 1,)
+            frontier[s] = float(np.prod([acc[d, r] for d, r in enumerate(s)]))
+        if len(p) < depth_cap:  # first child
+            frontier[p + (0,)] = v * float(acc[len(p), 0])
+    return [list(p) for p in order]
+
+
+def expected_tokens(rank_acc, paths: Sequence[Sequence[int]]) -> float:
+    """1 + the sum over the tree's nodes of the product of accuracies along each one's path."""
+    acc = np.asarray(rank_acc, dtype=np.float64)
+    return 1.0 + sum(float(np.prod([acc[d, r] for d, r in enumerate(p)])) for p in paths)
+
+
+def plan(rank_acc, costs: Costs, max_nodes: int, max_depth: Optional[int] = None, margin: float = 0.03) -> Plan:
+    """The prefix of ``grow_tree``'s order (at most ``max_nodes`` nodes with the root) with the
+    most expected tokens per second, or no tree when none beats plain decoding by ``margin``."""
+    plain_s = costs.decode(1) + costs.t_host_plain
+    order = grow_tree(rank_acc, max(1, max_nodes), max_depth)
+    table = [(1, 1.0, plain_s, 1.0)]
+    best = (1.0, 0, 1.0)  # (speedup, n paths, E)
+    for n in range(1, len(order) + 1):
+        paths = order[:n]
+        e = expected_tokens(rank_acc, paths)
+        step_s = costs.decode(n + 1) + costs.heads(max(len(p) for p in paths)) + costs.t_host
+        speedup = (e / step_s) * plain_s
+        table.append((n + 1, round(e, 4), step_s, round(speedup, 4)))
+        if speedup > best[0]:
+            best = (speedup, n, e)
+    if best[1] == 0 or best[0] < 1.0 + margin:
+        return Plan([], 1.0, 1.0, table)
+    return Plan(order[: best[1]], round(best[2], 4), round(best[0], 4), table)
+
+
+class LiveAcceptance:
+    """Per depth and rank, how often a candidate was tried (its parent was on the accepted path)
+    and accepted, blended with a prior (``prior_weight`` pseudo-observations per entry)."""
+
+    def __init__(self, prior, prior_weight: float = 50.0):
+        self.prior = np.asarray(prior, dtype=np.float64)
+        self.tried = np.zeros_like(self.prior)
+        self.hit = np.zeros_like(self.prior)
+        self.prior_weight = prior_weight
+        self.steps = 0
+
+    def update(self, tree, path: Sequence[int]) -> None:
+        """Record one step: ``path`` the accepted node indices of ``tree``, root first."""
+        K, R = self.prior.shape
+        for d, node in enumerate(path):
+            if d >= K:
+                break
+            nxt = path[d + 1] if d + 1 < len(path) else -1
+            for c in tree.children[node]:
+                r = int(tree.rank[c])
+                if r < R:
+                    self.tried[d, r] += 1
+                    if c == nxt:
+                        self.hit[d, r] += 1
+        self.steps += 1
+
+    def estimate(self) -> np.ndarray:
+        w = self.prior_weight
+        n = w + self.tried
+        return np.where(n > 0, (self.prior * w + self.hit) / np.maximum(n, 1e-12), self.prior)
+
+
+# -- measurement --------------------------------------------------------------------------------
+def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past: int = 256, time_budget: float = 4.0,
+                  tolerance: float = 0.03, min_rounds: int = 5, max_rounds: int = 40) -> Costs:
+    """Time verification forwards of B tokens (a chain: the cost depends on B, little on the
+    mask) after ``n_past`` cached tokens, in interleaved rounds (every B once per round, so drift
+    hits all alike). Rounds continue until the 95% interval of every median is within
+    ``tolerance`` of it, or ``time_budget`` seconds. Sizes stop growing once the cost is linear
+    (t(B) >= 0.95 B t(1) twice): no larger tree can pay. Leaves the context empty."""
+    tok = model.bos if model.bos >= 0 else 0
+    n_past = max(0, min(n_past, ctx.n_ctx - max_batch - 1))
+    sizes = [b for b in BATCHES if b <= min(max_batch, ctx.n_batch, ctx.n_ctx - n_past - 1)] or [1]
+    ctx.truncate(0)
+    if n_past:
+        ctx.prefill([tok] * n_past, 0, False)
+    shapes = {b: native.TreeShape(list(range(b)), [[0]] * b) for b in sizes}
+    toks = {b: np.full(b, tok, np.int32) for b in sizes}
+
+    def once(b: int) -> float:
+        ctx.truncate(n_past)
+        t0 = time.perf_counter()
+        ctx.decode_tree(shapes[b], toks[b], n_past)
+        ctx.argmax(1)  # waits for the device
+        return time.perf_counter() - t0
+
+    for b in sizes:  # warm-up, and the linear cut-off
+        once(b)
+    t1 = min(once(1) for _ in range(3))
+    kept, linear = [], 0
+    for b in sizes:
+        kept.append(b)
+        if b > 1 and min(once(b) for _ in range(2)) >= 0.95 * b * t1:
+            linear += 1
+            if linear >= 2:
+                break
+        else:
+            linear = 0
+    sizes = kept
+    samples = {b: [] for b in sizes}
+    t_start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds:
+        for b in sizes:
+            samples[b].append(once(b))
+        rounds += 1
+        if rounds >= min_rounds and (all(_spread(samples[b]) <= tolerance for b in sizes)
+                                     or time.perf_counter() - t_start > time_budget):
+            break
+    t_heads = [0.0]
+    if heads is not None:
+        ctx.truncate(n_past)
+        ctx.decode_tree(shapes[1], toks[1], n_past)
+        ctx.truncate(0)
+        ctx.prefill([tok] * 8, 0, True)  # a row with a hidden state
+        for d in range(1, heads.n_heads + 1):
+            heads.propose(ctx, 0, MAX_RANK, d)
+            t_heads.append(statistics.median(_timed(lambda: heads.propose(ctx, 0, MAX_RANK, d)) for _ in range(7)))
+    ctx.truncate(0)
+    return Costs(batch=sizes, t_decode=[statistics.median(samples[b]) for b in sizes],
+                 spread=[round(_spread(samples[b]), 4) for b in sizes], t_heads=t_heads,
+                 t_host=HOST_TREE_S, t_host_plain=HOST_PLAIN_S, rounds=rounds)
+
+
+#: Host seconds per step beside decode and heads, before live stats refine them (engine_overhead.py
+#: measured 0.1 to 0.4 ms per tree step on the 2-core test machine).
+HOST_TREE_S = 3e-4
+HOST_PLAIN_S = 1e-4
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _spread(xs: list) -> float:
+    """Relative half-width of a distribution-free 95% interval of the median (order statistics)."""
+    n = len(xs)
+    if n < 3:
+        return float("inf")
+    s = sorted(xs)
+    k = max(0, int(n / 2 - 1.96 * np.sqrt(n) / 2))
+    lo, hi = s[k], s[min(n - 1, n - 1 - k)]
+    med = statistics.median(s)
+    return (hi - lo) / 2 / med if med > 0 else float("inf")
+
+
+# -- cache ----------------------------------------------------------------------------------------
+_lock = threading.Lock()
+
+
+def _cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "medusa-edge", "tree-costs.json")
+
+
+def cache_key(exactness_key: str, heads_path: Optional[str], max_batch: int, n_ctx: int) -> str:
+    """The device, model, threads and settings (exactness.cache_key), the heads file, the sizes."""
+    hid = ""
+    if heads_path:
+        st = os.stat(heads_path)
+        hid = f"{os.path.abspath(heads_path)}:{st.st_size}:{int(st.st_mtime)}"
+    return hashlib.sha256(f"costs=1|{exactness_key}|{hid}|{max_batch}|{n_ctx}".encode()).hexdigest()
+
+
+def cached_costs(key: str, measure) -> tuple[Costs, bool]:
+    """(costs, whether they came from the cache); ``measure()`` runs on a miss and is stored."""
+    path = _cache_path()
+    with _lock:
+        table: dict = {}
+        try:
+            with open(path) as f:
+                table = json.load(f)
+            hit = table.get(key) if isinstance(table, dict) else None
+            if isinstance(hit, dict) and os.environ.get("MEDUSA_EDGE_RETUNE") != "1":
+                return Costs(**hit), True
+        except (OSError, ValueError, TypeError):
+            table = {}
+        costs = measure()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            table = table if isinstance(table, dict) else {}
+            table[key] = asdict(costs)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(table, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        return costs, False

@@ -1,0 +1,82 @@
+"""`medusa-edge bench`: its report, its equality check, and replay mode."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medusa_edge import bench
+from medusa_edge.demo import demo_model_path
+from medusa_edge.engine import Engine
+
+F32 = dict(flash_attn=False, exact=False)
+METHOD_FIELDS = {
+    "method", "replayed", "prompts", "tokens", "seconds", "tokens_per_s_median", "tokens_per_s_p25", "tokens_per_s_p75",
+    "tokens_per_s_total", "speedup_median", "speedup_total", "plain_tokens_per_s_median", "tokens_per_step",
+    "head_acceptance", "ms_per_step", "equal_to_plain", "mismatched_prompts",
+}
+
+
+def test_bench_reports_every_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [q]}) for q in ["What colour is the sky?", "Tell me a story about a fox."]))
+    out = tmp_path / "out"
+    rc = bench.main([demo_model_path(), "--prompts", str(prompts), "-n", "2", "--max-tokens", "24", "--tree", "chain:2",
+                     "-o", str(out), "--quiet"])
+    assert rc == 0
+    r = json.loads((out / "bench.json").read_text())
+    assert {"model", "heads", "prompts", "max_tokens", "device", "tree", "costs", "methods"} <= set(r)
+    names = [m["method"] for m in r["methods"]]
+    assert names == ["plain", "medusa", "medusa[chain:2]", "llama-cpp-python", "prompt-lookup"]
+    for m in r["methods"]:
+        assert set(m) == METHOD_FIELDS, m["method"]
+        assert m["prompts"] == 2 and m["tokens"] > 0 and m["tokens_per_s_median"] > 0
+        assert m["equal_to_plain"], m  # greedy: every method gives plain decoding's tokens
+    chain2 = r["methods"][2]
+    assert chain2["tokens_per_step"] > 1.0 and len(chain2["head_acceptance"]) == 4
+    assert set(chain2["ms_per_step"]) == {"decode", "heads", "other"} and chain2["ms_per_step"]["decode"] > 0
+    assert r["costs"]["batch"][0] == 1 and r["costs"]["ratio"][0] == 1.0
+    assert (out / "bench.md").read_text().count("|") > 20 and (out / "bench.png").stat().st_size > 1000
+
+
+def test_equality_check_catches_a_divergence(models):
+    e = Engine(models["f32"].path, models["f32_heads"].path, tree="chain:2", n_ctx=256, n_threads=1, **F32)
+    good = bench.engine_method("medusa", e)
+    plain = bench.engine_method("plain", e, max_depth=0)
+
+    def tampered_run(ids, n):
+        r = good.run(ids, n)
+        r.tokens[5] = (r.tokens[5] + 1) % e.model.n_vocab
+        return r
+
+    ids = [e.model.tokenize(t, True, False) for t in ("the world", "a river")]
+    res = bench.run_bench([plain, good, bench.Method("tampered", tampered_run)], ids, 16, progress=False)
+    by = {m["method"]: m for m in res["methods"]}
+    assert by["medusa"]["equal_to_plain"] and not by["tampered"]["equal_to_plain"]
+    assert by["tampered"]["mismatched_prompts"] == [0, 1]
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_replay_all_right_accepts_full_depth_all_wrong_nothing(models, right):
+    e = Engine(models["f32"].path, None, tree="chain:4", n_ctx=256, n_threads=1, **F32)
+    ids = e.model.tokenize("between the school and the river", True, False)
+    plain = bench.engine_method("plain", e, max_depth=0).run(ids, 41)
+    profile = [[1.0 if right else 0.0] + [0.0] * 9] * 4
+    prop = bench.ReplayProposer(plain.tokens, profile, e.model.n_vocab, seed=0)
+    r = bench.engine_method("replay", e, proposer=prop).run(ids, 41)
+    assert r.tokens == plain.tokens
+    # 40 tokens after the prefill's. Without an exact prefill the first step verifies the root
+    # alone; the last tree is cut to the 4 tokens still wanted.
+    if right:  # 1 + 7 x (1 + 4) + (1 + 3)
+        assert r.steps == 9 and r.head_accepts == [8, 8, 8, 7]
+    else:
+        assert r.steps == 40 and r.head_accepts == [0, 0, 0, 0]
+
+
+def test_profile_validation(tmp_path):
+    assert bench.load_profile("vicuna-7b")[0][0] == 0.60
+    bad = tmp_path / "bad.json"
+    bad.write_text("[[0.9, 0.5]]")
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        bench.load_profile(str(bad))

@@ -1,0 +1,115 @@
+"""tree="auto": the tree planner's maths by hand, on synthetic cost curves, and the engine's use of it."""
+
+import numpy as np
+import pytest
+
+from medusa_edge import tune
+from medusa_edge.engine import Engine, SamplingParams, Stats
+from medusa_edge.tree import Tree
+
+T1 = 0.010  # seconds of a one-token forward in the synthetic cost models
+# the tiny random models have no exact batch region; their rows are compared as test_engine.py does
+F32 = dict(flash_attn=False, exact=False)
+
+
+def costs(fn, t_heads=0.0005, host=0.0002):
+    b = list(tune.BATCHES)
+    return tune.Costs(batch=b, t_decode=[fn(x) for x in b], spread=[0.0] * len(b), t_heads=[0.0] + [t_heads] * 5,
+                      t_host=host, t_host_plain=host / 2)
+
+
+GOOD = np.array([[0.6, 0.15, 0.05, 0.03], [0.45, 0.12, 0.05, 0.03], [0.35, 0.1, 0.05, 0.02], [0.3, 0.08, 0.04, 0.02]])
+
+
+def test_grow_tree_by_hand():
+    acc = [[0.5, 0.3], [0.4, 0.1]]
+    # values: (0,)=.5 (1,)=.3 (0,0)=.2 (1,0)=.12 (0,1)=.05 (1,1)=.03
+    assert tune.grow_tree(acc, 7) == [[0], [1], [0, 0], [1, 0], [0, 1], [1, 1]]
+    assert tune.grow_tree(acc, 3) == [[0], [1]]
+    assert tune.grow_tree(acc, 7, max_depth=1) == [[0], [1]]
+    assert tune.expected_tokens(acc, [[0], [1], [0, 0]]) == pytest.approx(1 + 0.5 + 0.3 + 0.2)
+    for n in range(1, 8):  # every prefix is a valid (prefix-closed) tree
+        Tree.from_paths(tune.grow_tree(acc, n))
+
+
+def test_linear_cost_gives_a_chain_or_nothing():
+    exact_linear = tune.plan(GOOD, costs(lambda b: T1 * b), 64)
+    assert exact_linear.paths == [] and exact_linear.expected_speedup == 1.0
+    nearly = tune.plan(GOOD, costs(lambda b: T1 * (1 + 0.8 * (b - 1))), 64)
+    assert all(set(p) == {0} for p in nearly.paths)  # a chain (or nothing)
+
+
+def test_flat_cost_gives_a_wide_tree():
+    p = tune.plan(GOOD, costs(lambda b: T1), 64)
+    assert p.n_nodes == 64 and max(max(q) for q in p.paths) > 0 and max(len(q) for q in p.paths) == 4
+    assert p.expected_speedup > 2.0
+    assert p.expected_tokens_per_step == pytest.approx(tune.expected_tokens(GOOD, p.paths), abs=1e-3)
+
+
+def test_heads_that_never_agree_give_no_tree():
+    p = tune.plan(np.zeros((4, 10)), costs(lambda b: T1), 64)
+    assert p.paths == [] and p.n_nodes == 1
+
+
+def test_a_kernel_step_in_the_curve_is_respected():
+    """Cost flat to 4 tokens, then a jump: the planner stays at 4 nodes."""
+    p = tune.plan(GOOD, costs(lambda b: T1 if b <= 4 else 3 * T1), 64)
+    assert p.n_nodes == 4
+
+
+def test_costs_interpolate_and_extrapolate():
+    c = tune.Costs(batch=[1, 2, 4], t_decode=[1.0, 2.0, 3.0], spread=[0, 0, 0], t_heads=[0.0, 0.5])
+    assert c.decode(3) == pytest.approx(2.5) and c.decode(6) == pytest.approx(4.0) and c.decode(1) == 1.0
+    assert c.heads(0) == 0.0 and c.heads(3) == 0.5
+
+
+def test_live_acceptance_counts_tried_and_hit():
+    tree = Tree.from_paths([[0], [1], [0, 0]])  # nodes: 0 root, 1=(0,), 2=(0,0), 3=(1,)
+    live = tune.LiveAcceptance(np.zeros((2, 3)), prior_weight=0.0)
+    live.update(tree, [0, 1, 2])  # accepted (0,) then (0,0)
+    live.update(tree, [0, 3])  # accepted (1,)
+    live.update(tree, [0])  # nothing
+    assert live.tried[0, 0] == 3 and live.hit[0, 0] == 1 and live.tried[0, 1] == 3 and live.hit[0, 1] == 1
+    assert live.tried[1, 0] == 1 and live.hit[1, 0] == 1
+    np.testing.assert_allclose(live.estimate()[0, :2], [1 / 3, 1 / 3])
+
+
+def test_spread_shrinks_with_samples():
+    rng = np.random.default_rng(0)
+    few = tune._spread(list(1 + 0.05 * rng.standard_normal(5)))
+    many = tune._spread(list(1 + 0.05 * rng.standard_normal(200)))
+    assert many < few and many < 0.02
+
+
+def test_auto_engine_measures_plans_and_stays_lossless(models, tmp_path, monkeypatch):
+    """The engine measures its costs once (then reads them from the cache), plans a tree no
+    larger than allowed, and greedy output equals plain decoding's whatever it picked."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, **F32)
+    assert e.auto and e.costs is not None and e.costs.batch[0] == 1 and e.costs.rounds >= 5
+    assert len(e.costs.t_heads) == e.heads.n_heads + 1 and all(t > 0 for t in e.costs.t_heads[1:])
+    assert e.tree.n_nodes == e.plan.n_nodes <= e.max_auto_nodes
+    assert (tmp_path / "medusa-edge" / "tree-costs.json").exists()
+    again = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, **F32)
+    assert again.costs == e.costs  # from the cache
+    plain = Engine(models["f32"].path, tree="chain:0", n_ctx=512, n_threads=1, **F32)
+    ids = e.model.tokenize("the world", True, False)
+    a = [t for ts in e.generate(ids, SamplingParams(), 64) for t in ts]
+    b = [t for ts in plain.generate(ids, SamplingParams(), 64) for t in ts]
+    assert a == b
+
+
+def test_auto_switches_off_when_the_heads_never_agree(models, tmp_path, monkeypatch):
+    """Random heads on a model: live acceptance drives the plan to no tree within a few replans."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, **F32)
+    e.costs = costs(lambda b: T1 * (1 + 0.05 * (b - 1)))  # a flat device: the prior alone plans a tree
+    e._replan()
+    assert e.tree.n_nodes > 1
+    ids = e.model.tokenize("the world", True, False)
+    for _ in range(12):
+        for _ in e.generate(ids, SamplingParams(), 64):
+            pass
+        if e.tree.n_nodes == 1:
+            break
+    assert e.tree.n_nodes == 1 and e.plan.paths == []
