@@ -21,9 +21,11 @@ done
 for m in medusa1 medusa2; do
   g=$(ls "$W/$m-gguf"/*-Q8_0.gguf | grep -v '\.medusa\.gguf$')
   echo "== $m, in-domain (held-out prompts)" | tee -a "$W/bench.txt"
-  $PY bench/bench.py "$g" --prompts "$W/data/prompts.jsonl" --limit 40 --max-tokens 96 --trees default chain:3 | tee -a "$W/bench.txt"
+  $PY -m medusa_edge.cli bench "$g" --prompts "$W/data/prompts.jsonl" --no-chat -n 40 --max-tokens 96 --tree heads --tree chain:3 \
+      --no-llama-cpp -o "$W/bench-$m-domain" --quiet | tee -a "$W/bench.txt"
   echo "== $m, MT-Bench first turns" | tee -a "$W/bench.txt"
-  $PY bench/bench.py "$g" --prompts ../shared/bench/mt_bench_questions.jsonl --chat --limit 40 --max-tokens 96 --trees default chain:3 | tee -a "$W/bench.txt"
+  $PY -m medusa_edge.cli bench "$g" --prompts ../shared/bench/mt_bench_questions.jsonl -n 40 --max-tokens 96 --tree heads \
+      --tree chain:3 --no-llama-cpp -o "$W/bench-$m-mtbench" --quiet | tee -a "$W/bench.txt"
 done
 echo "compare the two in $W/bench.txt, then copy the winner:"
 echo "  cp <winner>-gguf/*-Q8_0.gguf medusa_edge/models/demo-model.gguf; cp <winner>-gguf/*-Q8_0.medusa.gguf medusa_edge/models/demo-model.medusa.gguf"

