@@ -960,8 +960,9 @@ struct Heads {
     void build(int32_t k, int32_t n_used) {
         if (graph_k == k && graph_n == n_used) return;
         release_graph();
-        // per head: 5 nodes per ResBlock (reshape of b, mul_mat, add, silu, add) and 6 after them
-        const size_t n_nodes = (size_t)n_heads * (6 * n_layers + 8) + 16;
+        // per head: 5 nodes per ResBlock (reshape of b, mul_mat, add, silu, add), 8 after them, and
+        // up to 3 for the shared product (reshape, concat, view)
+        const size_t n_nodes = (size_t)n_heads * (6 * n_layers + 12) + 16;
         ggml_init_params ip{};
         ip.mem_size = ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false);
         ip.no_alloc = true;
@@ -972,13 +973,28 @@ struct Heads {
         ggml_set_input(in_h);
         out_ids.clear();
         out_probs.clear();
+        // ResBlocks per head; with a shared output matrix, one product of it with all n_used hidden
+        // vectors (the matrix is read once, not once per head; each column is computed by the same
+        // kernel as a single vector, so the results do not change)
+        std::vector<ggml_tensor *> xs;
         for (int i = 0; i < n_used; ++i) {
             ggml_tensor *x = in_h;
             for (int j = 0; j < n_layers; ++j) {
                 ggml_tensor *y = ggml_add(gctx, ggml_mul_mat(gctx, weights[w_idx[i][j]], x), ggml_reshape_1d(gctx, weights[b_idx[i][j]], n_embd));
                 x = ggml_add(gctx, x, ggml_silu(gctx, y));
             }
-            ggml_tensor *logits = ggml_mul_mat(gctx, weights[out_idx[i]], x);  // [n_vocab, 1]
+            xs.push_back(x);
+        }
+        ggml_tensor *all_logits = nullptr;  // [n_vocab, n_used] when shared
+        if (shared_output && n_used > 1) {
+            ggml_tensor *xcat = ggml_reshape_2d(gctx, xs[0], n_embd, 1);
+            for (int i = 1; i < n_used; ++i) xcat = ggml_concat(gctx, xcat, ggml_reshape_2d(gctx, xs[i], n_embd, 1), 1);
+            all_logits = ggml_mul_mat(gctx, weights[out_idx[0]], xcat);
+        }
+        for (int i = 0; i < n_used; ++i) {
+            ggml_tensor *logits = all_logits
+                ? ggml_view_1d(gctx, all_logits, n_vocab, (size_t)i * all_logits->nb[1])   // column i, contiguous
+                : ggml_mul_mat(gctx, weights[out_idx[i]], xs[i]);                          // [n_vocab, 1]
             ggml_tensor *ids = ggml_top_k(gctx, logits, k);                    // [k, 1] i32, in no particular order
             ggml_tensor *probs = ggml_soft_max(gctx, logits);                  // [n_vocab, 1]
             ggml_tensor *rows = ggml_reshape_2d(gctx, probs, 1, n_vocab);       // one "row" per token

@@ -80,3 +80,27 @@ def test_heads_read_the_hidden_state_of_the_context(models):
     a = e.heads.propose(e.ctx, 0, 10)
     b = e.heads.propose_hidden(h, 10)
     assert (a[0] == b[0]).all() and np.allclose(a[1], b[1])
+
+
+def test_shared_output_single_product_equals_per_head_products(models, tmp_path):
+    """Shared-output heads multiply all heads' vectors by the output matrix in one product; heads
+    with their own copies of the same matrix multiply one vector at a time. Ids and log-probs are
+    identical, bit for bit."""
+    import gguf
+
+    from medusa_edge.heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
+    from medusa_edge.schema import vocab_hash
+
+    base = models["f32"]
+    shared = write_random_heads(str(tmp_path / "shared.medusa.gguf"), base, n_heads=3, seed=4, shared_output=True)
+    r = gguf.GGUFReader(base.path)
+    lm_head = np.asarray(next(t for t in r.tensors if t.name == "output.weight").data, np.float32).reshape(base.n_vocab, base.n_embd)
+    own = str(tmp_path / "own.medusa.gguf")
+    meta = HeadsMeta(3, 1, base.n_embd, base.n_vocab, False, None, vocab_hash(base.tokens))
+    write_heads_gguf(own, meta, heads_tensors(shared.res, [lm_head] * 3), "f32")
+    a, b = native.Heads(shared.path, base.path, 2), native.Heads(own, base.path, 2)
+    for h in hidden_states(6, base.n_embd, seed=21):
+        for n_used in (1, 2, 3):
+            ia, la = a.propose_hidden(h, 10, n_used)
+            ib, lb = b.propose_hidden(h, 10, n_used)
+            assert np.array_equal(ia, ib) and np.array_equal(la, lb)
