@@ -31,6 +31,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <map>
 #include <vector>
 
 namespace py = pybind11;
@@ -767,7 +768,18 @@ struct Heads {
     ggml_context *wctx = nullptr;       // weight tensors
     ggml_backend_buffer_t wbuf = nullptr;
     std::vector<ggml_tensor *> weights;  // [specs]
-    // compute graph, rebuilt when top_k or the number of heads used changes
+    // compute graphs, one per shape (top_k, heads used), each allocated once and kept: a tree cut
+    // short at the end of an answer and grown again reuses them. The current one in these fields.
+    struct Graph {
+        ggml_context *gctx = nullptr;
+        ggml_cgraph *graph = nullptr;
+        ggml_gallocr_t galloc = nullptr;
+        ggml_tensor *in_h = nullptr;
+        std::vector<ggml_tensor *> out_ids, out_probs;
+    };
+    std::map<std::pair<int32_t, int32_t>, Graph> graphs;
+    static constexpr size_t MAX_GRAPHS = 16;  // shapes kept at most (all dropped when full)
+    int64_t n_builds = 0;                     // graphs built so far (for tests)
     int32_t graph_k = -1, graph_n = -1;
     ggml_context *gctx = nullptr;
     ggml_cgraph *graph = nullptr;
@@ -788,11 +800,26 @@ struct Heads {
     Heads(const Heads &) = delete;
     Heads &operator=(const Heads &) = delete;
 
-    void release_graph() {
-        if (galloc) ggml_gallocr_free(galloc), galloc = nullptr;
-        if (gctx) ggml_free(gctx), gctx = nullptr;
-        graph = nullptr;
+    void release_graph() {  // every cached graph, and one left half-built by an exception
+        bool current_cached = false;
+        for (auto &kv : graphs) {
+            current_cached |= kv.second.gctx == gctx;
+            if (kv.second.galloc) ggml_gallocr_free(kv.second.galloc);
+            if (kv.second.gctx) ggml_free(kv.second.gctx);
+        }
+        graphs.clear();
+        if (!current_cached) {
+            if (galloc) ggml_gallocr_free(galloc);
+            if (gctx) ggml_free(gctx);
+        }
+        galloc = nullptr, gctx = nullptr, graph = nullptr, in_h = nullptr;
+        out_ids.clear(), out_probs.clear();
         graph_k = graph_n = -1;
+    }
+    void use_graph(const Graph &g, int32_t k, int32_t n) {
+        gctx = g.gctx, graph = g.graph, galloc = g.galloc, in_h = g.in_h;
+        out_ids = g.out_ids, out_probs = g.out_probs;
+        graph_k = k, graph_n = n;
     }
     void release_weights() {
         if (wbuf) ggml_backend_buffer_free(wbuf), wbuf = nullptr;
@@ -959,7 +986,12 @@ struct Heads {
 
     void build(int32_t k, int32_t n_used) {
         if (graph_k == k && graph_n == n_used) return;
-        release_graph();
+        auto hit = graphs.find({k, n_used});
+        if (hit != graphs.end()) return use_graph(hit->second, k, n_used);
+        if (graphs.size() >= MAX_GRAPHS) release_graph();
+        // the fields now describe a cached graph (or nothing): build the new one from scratch
+        gctx = nullptr, galloc = nullptr, graph = nullptr;
+        ++n_builds;
         // per head: 5 nodes per ResBlock (reshape of b, mul_mat, add, silu, add), 8 after them, and
         // up to 3 for the shared product (reshape, concat, view)
         const size_t n_nodes = (size_t)n_heads * (6 * n_layers + 12) + 16;
@@ -1008,12 +1040,14 @@ struct Heads {
         }
         if (const char *op = unsupported_op()) {
             if (on_fallback) throw std::runtime_error("Medusa heads: the CPU backend cannot run " + std::string(op));
+            ggml_free(gctx), gctx = nullptr;  // not cached yet
             fall_back_to_cpu(op);
             build(k, n_used);  // once more, on the CPU (on_fallback stops a second fallback)
             return;
         }
         galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
         if (!ggml_gallocr_alloc_graph(galloc, graph)) throw std::runtime_error("cannot allocate the Medusa heads' compute graph");
+        graphs[{k, n_used}] = Graph{gctx, graph, galloc, in_h, out_ids, out_probs};
         graph_k = k;
         graph_n = n_used;
     }
@@ -1166,6 +1200,7 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_vocab", &Heads::n_vocab)
         .def_readonly("shared_output", &Heads::shared_output)
         .def_readonly("backend", &Heads::backend_name)
+        .def_readonly("n_graph_builds", &Heads::n_builds)
         .def_readonly("on_fallback", &Heads::on_fallback)
         .def("propose", &Heads::propose, py::arg("ctx"), py::arg("row"), py::arg("top_k"), py::arg("n_heads_used") = -1)
         .def("propose_hidden", &Heads::propose_hidden, py::arg("hidden"), py::arg("top_k"), py::arg("n_heads_used") = -1);

@@ -104,3 +104,15 @@ def test_shared_output_single_product_equals_per_head_products(models, tmp_path)
             ia, la = a.propose_hidden(h, 10, n_used)
             ib, lb = b.propose_hidden(h, 10, n_used)
             assert np.array_equal(ia, ib) and np.array_equal(la, lb)
+
+
+def test_heads_graph_built_once_per_shape(models):
+    """A tree cut short (fewer heads, smaller top-k) and grown again reuses the graphs it built."""
+    h = native.Heads(models["f32_heads"].path, models["f32"].path, 1)
+    x = hidden_states(1, models["f32"].n_embd, seed=2)[0]
+    first = {}
+    for k, n in [(10, 4), (10, 1), (10, 4), (5, 4), (10, 1), (5, 4), (10, 4)]:
+        ids, _ = h.propose_hidden(x, k, n)
+        first.setdefault((k, n), ids.copy())
+        assert np.array_equal(ids, first[(k, n)])
+    assert h.n_graph_builds == 3
