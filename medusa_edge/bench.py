@@ -82,10 +82,14 @@ def engine_method(name: str, engine, max_depth: Optional[int] = None, proposer=N
 def llama_cpp_method(name: str, engine, n_ctx: int, draft=None) -> Method:
     from .exactness import llama_cpp_baseline
 
-    llm = llama_cpp_baseline(engine, n_ctx=n_ctx, draft_model=draft)
+    # logits_all with a draft model: llama-cpp-python 0.3.36 sizes its score buffer from the logits_all
+    # argument (n_batch rows) although a draft model turns logits_all on, so a prompt longer than
+    # n_batch overflows it (seen: a 551-token MT-Bench prompt)
+    llm = llama_cpp_baseline(engine, n_ctx=n_ctx, draft_model=draft, logits_all=draft is not None)
 
     def run(ids: list, max_tokens: int) -> Run:
         out: list = []
+        llm.reset()  # a generator left at max_tokens keeps its tokens; start each prompt from nothing
         t0 = time.perf_counter()
         t_first = None
         for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):

@@ -266,6 +266,9 @@ def _spread(xs: list) -> float:
 
 # -- cache ----------------------------------------------------------------------------------------
 _lock = threading.Lock()
+#: A measurement whose 95% interval of some median is wider than +-20% gets a warning (still cached:
+#: measuring at every load would cost seconds each time).
+NOISY_SPREAD = 0.2
 
 
 def _cache_path() -> str:
@@ -296,6 +299,12 @@ def cached_costs(key: str, measure) -> tuple[Costs, bool]:
         except (OSError, ValueError, TypeError):
             table = {}
         costs = measure()
+        if max(costs.spread, default=0.0) > NOISY_SPREAD:
+            import sys
+
+            print("medusa-edge: the verification costs measured now vary by more than "
+                  f"{NOISY_SPREAD:.0%} (is the machine busy?); `medusa-edge tune --remeasure` measures them "
+                  "again when it is idle", file=sys.stderr)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             table = table if isinstance(table, dict) else {}

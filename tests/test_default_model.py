@@ -13,7 +13,7 @@ from medusa_edge.errors import ModelLoadError
 pytestmark = pytest.mark.slow
 
 QUESTIONS = [
-    "What is the capital of France?",
+    "What is the capital of Japan?",
     "Give me three tips for sleeping better.",
     "Write a haiku about the sea.",
     "Explain what a CPU does in two sentences.",
@@ -51,7 +51,7 @@ def test_shipped_heads_match_the_shipped_gguf():
 
     gguf, heads = demo.default_model()
     info = read_heads_info(heads)
-    m = load_model(gguf, vocab_only=True)
+    m = load_model(gguf)
     assert info["base_vocab_hash"] == f"{m.vocab_fingerprint():016x}"
     assert info["n_vocab"] == m.n_vocab and info["n_embd"] == m.n_embd and info["shared_output"]
     acc = info["rank_accuracy"]  # measured at training, for the tree tuner
@@ -88,9 +88,9 @@ def test_command_line_answers_with_no_model_argument(tmp_path):
     """The README's first command, offline: a real answer from SmolLM2 with Medusa statistics."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", NO_PROXY="*", HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     p = subprocess.run(
-        [sys.executable, "-m", "medusa_edge.cli", "generate", "--chat", "-p", "What is the capital of France?", "-n", "32"],
+        [sys.executable, "-m", "medusa_edge.cli", "generate", "--chat", "-p", "What is the capital of Japan?", "-n", "32"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert p.returncode == 0, p.stderr
-    assert "Paris" in p.stdout
+    assert "Tokyo" in p.stdout
     assert "tokens/step" in p.stderr

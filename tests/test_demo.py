@@ -15,7 +15,7 @@ def test_demo_files_ship_inside_the_package_and_are_small():
 
 
 def test_demo_model_answers_and_medusa_pays_in_domain():
-    llm = Medusa(demo_model_path(), n_ctx=512)  # its heads sit beside it
+    llm = Medusa(demo_model_path(), n_ctx=512, tree="heads")  # its heads sit beside it, with their stored tree
     assert llm.engine.heads is not None
     prompt = llm.apply_chat_template([{"role": "user", "content": "What colour is the sky?"}])
     assert prompt == "USER: What colour is the sky?\nASSISTANT:"

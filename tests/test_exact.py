@@ -111,7 +111,7 @@ def test_seeded_sampling_identical_to_plain_decoding(quant_models):
 def test_demo_model_greedy_identical(capsys):
     path = demo_model_path()
     plain = Engine(path, tree="chain:0", n_ctx=512)
-    med = Engine(path, path.replace(".gguf", ".medusa.gguf"), n_ctx=512)
+    med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="heads", n_ctx=512)  # its stored 7-node tree
     st = Stats()
     for q in ["What colour is the sky?", "Tell me a story about a fox.", "What is 3 plus 4?", "Name three animals."]:
         ids = plain.model.tokenize(f"USER: {q}\nASSISTANT:", True, True)

@@ -108,7 +108,7 @@ def test_trained_heads_raise_tokens_per_step(trained):
     held_out = _prompts(8, seed=123)
     plain = Engine(base, tree="chain:0", n_ctx=256, n_threads=1)
     results = {}
-    for tree in ("chain:3", None):  # None: the tree stored in the heads file
+    for tree in ("chain:3", "heads"):  # "heads": the tree stored in the heads file
         eng = Engine(base, heads, tree=tree, n_ctx=256, n_threads=1)
         tok = steps = 0
         for p in held_out:
@@ -119,7 +119,7 @@ def test_trained_heads_raise_tokens_per_step(trained):
             assert out == ref
             tok += sum((k + 1) * c for k, c in st.accepted_hist.items())
             steps += st.steps
-        results[tree or f"default ({eng.tree.n_nodes} nodes)"] = tok / steps
+        results[tree if tree != "heads" else f"stored ({eng.tree.n_nodes} nodes)"] = tok / steps
     print("mean tokens per step on held-out prompts:", {k: round(v, 3) for k, v in results.items()})
     assert all(v > 1.3 for v in results.values()), results
     # the stored tree was grown from the held-out accuracies and respects the node budget
