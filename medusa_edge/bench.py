@@ -11,7 +11,10 @@ first), so slow drift of the machine falls on all of them alike:
   the reference every other method is compared with;
 - ``medusa``: the engine's default tree (``auto``: planned for this device), and ``medusa[T]``
   for every ``--tree T``;
-- ``llama-cpp-python``: llama-cpp-python's ``Llama.generate``, same GGUF and numerics settings;
+- ``llama-cpp-python``: llama-cpp-python's ``Llama.generate``, same GGUF and numerics settings
+  (in exact mode on a CPU that means one-token decodes on one thread, as the engine's plain
+  decoding); and, where that differs, ``llama-cpp-python (N threads)``: one-token decodes on all
+  threads, what a user runs without the exactness guarantee;
 - ``prompt-lookup``: llama-cpp-python with ``LlamaPromptLookupDecoding`` (its default
   max_ngram_size 2, num_pred_tokens 10), speculation that needs no heads.
 
@@ -79,13 +82,13 @@ def engine_method(name: str, engine, max_depth: Optional[int] = None, proposer=N
     return Method(name, run, "engine", replayed)
 
 
-def llama_cpp_method(name: str, engine, n_ctx: int, draft=None) -> Method:
+def llama_cpp_method(name: str, engine, n_ctx: int, draft=None, **kwargs) -> Method:
     from .exactness import llama_cpp_baseline
 
     # logits_all with a draft model: llama-cpp-python 0.3.36 sizes its score buffer from the logits_all
     # argument (n_batch rows) although a draft model turns logits_all on, so a prompt longer than
     # n_batch overflows it (seen: a 551-token MT-Bench prompt)
-    llm = llama_cpp_baseline(engine, n_ctx=n_ctx, draft_model=draft, logits_all=draft is not None)
+    llm = llama_cpp_baseline(engine, n_ctx=n_ctx, draft_model=draft, logits_all=draft is not None, **kwargs)
 
     def run(ids: list, max_tokens: int) -> Run:
         out: list = []
@@ -358,6 +361,11 @@ def main(argv=None) -> int:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         methods.append(llama_cpp_method("llama-cpp-python", eng, args.ctx_size))
+        if eng.n_threads != eng.n_threads_batch:
+            # what a user runs without exactness: one-token decodes on all threads too (faster on a
+            # CPU; its text may differ from plain decoding's at near-ties, docs/design.md section 5)
+            methods.append(llama_cpp_method(f"llama-cpp-python ({eng.n_threads_batch} threads)", eng, args.ctx_size,
+                                            n_threads=eng.n_threads_batch))
         methods.append(llama_cpp_method("prompt-lookup", eng, args.ctx_size, LlamaPromptLookupDecoding()))
     result = run_bench(methods, ids, args.max_tokens, progress=not args.quiet, on_plain=on_plain)
     result.update({

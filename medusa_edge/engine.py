@@ -200,11 +200,15 @@ class Engine:
         self.exact_prefill = self.exact_batch >= self.MIN_EXACT_UBATCH
         n_ubatch = self.exact_batch if self.exact_prefill else 0
         n_heads = self.heads_info["n_heads"] if self.heads_info else self.tree.max_depth
-        # the largest tree "auto" may pick: inside the exact region, the batch and 64 nodes
+        # the largest tree "auto" may pick: inside the exact region, the batch and 64 nodes; and its
+        # leaves, each a KV sequence: committing a step scans the KV cells once per sequence of the
+        # context (2 x 62 scans of 2,048 cells cost 0.3 ms a step on the 2-core test machine, a
+        # sixth of a demo-model step), so CPUs, where small trees win anyway, get 8
         self.max_auto_nodes = max(1, min(64, n_batch, self.exact_batch if self.exact else 64))
+        self.max_auto_leaves = max(1, min(self.max_auto_nodes - 1, 8 if not on_gpu else 64))
         # the context gets one sequence per leaf; check before allocating anything
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
-        n_seq = max(1, self.max_auto_nodes - 1 if self.auto else self.tree.n_leaves)
+        n_seq = max(1, self.max_auto_leaves if self.auto else self.tree.n_leaves)
         try:
             self.ctx = native.Context(self.model, n_ctx, n_batch, self.n_threads, n_seq, f32_kv, fa,
                                       n_ubatch, self.n_threads_batch)
@@ -258,7 +262,8 @@ class Engine:
 
     def _replan(self) -> None:
         acc = self.live.estimate()
-        self.plan = tune.plan(acc, self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads)
+        self.plan = tune.plan(acc, self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads,
+                              max_leaves=self.max_auto_leaves)
         paths = tuple(tuple(p) for p in self.plan.paths)
         if paths != self.tree.paths:
             self.tree = Tree.from_paths(self.plan.paths)

@@ -96,11 +96,13 @@ class Plan:
         return len(self.paths) + 1
 
 
-def grow_tree(rank_acc, n_nodes: int, max_depth: Optional[int] = None, max_rank: int = MAX_RANK) -> list:
+def grow_tree(rank_acc, n_nodes: int, max_depth: Optional[int] = None, max_rank: int = MAX_RANK,
+              max_leaves: Optional[int] = None) -> list:
     """Medusa's greedy construction: paths in the order they join the tree (the root excluded),
     each time the frontier node with the largest expected acceptance, the product of
     ``rank_acc[d][r]`` along its path. Every prefix of the result is prefix-closed. Ties go to the
-    shallower, lower-ranked path, so the order is deterministic."""
+    shallower, lower-ranked path, so the order is deterministic. ``max_leaves``: nodes that would
+    make a tree of more leaves are passed over (each leaf is a KV sequence of the context)."""
     acc = np.asarray(rank_acc, dtype=np.float64)
     depth_cap = acc.shape[0] if max_depth is None else min(max_depth, acc.shape[0])
     rank_cap = min(max_rank, acc.shape[1])
@@ -108,8 +110,18 @@ def grow_tree(rank_acc, n_nodes: int, max_depth: Optional[int] = None, max_rank:
         return []
     order: list = []
     frontier = {(0,): float(acc[0, 0])}
+    has_child = {(): False}
+    leaves = 1  # the root alone
     while frontier and len(order) < n_nodes - 1:
-        p = max(frontier, key=lambda q: (frontier[q], -len(q), tuple(-r for r in q)))
+        def adds_leaf(q):  # a first child of a leaf replaces it; anything else is a new leaf
+            return 0 if not has_child.get(q[:-1], True) else 1
+        ok = [q for q in frontier if max_leaves is None or leaves + adds_leaf(q) <= max_leaves]
+        if not ok:
+            break
+        p = max(ok, key=lambda q: (frontier[q], -len(q), tuple(-r for r in q)))
+        leaves += adds_leaf(p)
+        has_child[p[:-1]] = True
+        has_child[p] = False
         v = frontier.pop(p)
         order.append(p)
         if p[-1] + 1 < rank_cap:  # next sibling
@@ -126,11 +138,13 @@ def expected_tokens(rank_acc, paths: Sequence[Sequence[int]]) -> float:
     return 1.0 + sum(float(np.prod([acc[d, r] for d, r in enumerate(p)])) for p in paths)
 
 
-def plan(rank_acc, costs: Costs, max_nodes: int, max_depth: Optional[int] = None, margin: float = 0.03) -> Plan:
-    """The prefix of ``grow_tree``'s order (at most ``max_nodes`` nodes with the root) with the
-    most expected tokens per second, or no tree when none beats plain decoding by ``margin``."""
+def plan(rank_acc, costs: Costs, max_nodes: int, max_depth: Optional[int] = None, margin: float = 0.03,
+         max_leaves: Optional[int] = None) -> Plan:
+    """The prefix of ``grow_tree``'s order (at most ``max_nodes`` nodes with the root and
+    ``max_leaves`` leaves) with the most expected tokens per second, or no tree when none beats
+    plain decoding by ``margin``."""
     plain_s = costs.decode(1) + costs.t_host_plain
-    order = grow_tree(rank_acc, max(1, max_nodes), max_depth)
+    order = grow_tree(rank_acc, max(1, max_nodes), max_depth, max_leaves=max_leaves)
     table = [(1, 1.0, plain_s, 1.0)]
     best = (1.0, 0, 1.0)  # (speedup, n paths, E)
     for n in range(1, len(order) + 1):

@@ -28,11 +28,12 @@ def test_bench_reports_every_field(tmp_path, monkeypatch):
     r = json.loads((out / "bench.json").read_text())
     assert {"model", "heads", "prompts", "max_tokens", "device", "tree", "costs", "methods"} <= set(r)
     names = [m["method"] for m in r["methods"]]
-    assert names == ["plain", "medusa", "medusa[chain:2]", "llama-cpp-python", "prompt-lookup"]
+    assert names[:4] == ["plain", "medusa", "medusa[chain:2]", "llama-cpp-python"] and names[-1] == "prompt-lookup"
     for m in r["methods"]:
         assert set(m) == METHOD_FIELDS, m["method"]
         assert m["prompts"] == 2 and m["tokens"] > 0 and m["tokens_per_s_median"] > 0
-        assert m["equal_to_plain"], m  # greedy: every method gives plain decoding's tokens
+        if "threads)" not in m["method"]:  # greedy, same numerics: every method gives plain decoding's tokens
+            assert m["equal_to_plain"], m
     chain2 = r["methods"][2]
     assert chain2["tokens_per_step"] > 1.0 and len(chain2["head_acceptance"]) == 4
     assert set(chain2["ms_per_step"]) == {"decode", "heads", "other"} and chain2["ms_per_step"]["decode"] > 0

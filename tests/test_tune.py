@@ -113,3 +113,12 @@ def test_auto_switches_off_when_the_heads_never_agree(models, tmp_path, monkeypa
         if e.tree.n_nodes == 1:
             break
     assert e.tree.n_nodes == 1 and e.plan.paths == []
+
+
+def test_leaf_budget_is_respected():
+    """Each leaf is a KV sequence; a budget of 3 leaves stops siblings, not depth."""
+    order = tune.grow_tree(GOOD, 20, max_leaves=3)
+    t = Tree.from_paths(order)
+    assert t.n_leaves <= 3 and t.max_depth == 4
+    p = tune.plan(GOOD, costs(lambda b: T1), 64, max_leaves=3)
+    assert Tree.from_paths(p.paths).n_leaves <= 3
