@@ -247,8 +247,10 @@ def markdown(result: dict) -> str:
     c = result.get("costs")
     if c:
         lines += ["", "verification cost t(B)/t(1): " + ", ".join(f"B={b} {r:.2f}" for b, r in zip(c["batch"], c["ratio"]))]
-    if result.get("tree"):
-        lines += [f"medusa tree: {len(result['tree']) + 1} nodes {result['tree']}"]
+    if result.get("tree") is not None:
+        lines += [f"medusa tree: {len(result['tree']) + 1} nodes {result['tree']} at the start"
+                  + (f", {len(result['tree_final']) + 1} nodes {result['tree_final']} at the end (planned again from "
+                     "live acceptance)" if result.get("tree_final") != result["tree"] else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -374,6 +376,8 @@ def main(argv=None) -> int:
         "device": f"{eng.n_threads_batch} threads, flash attention {'on' if eng.flash_attn else 'off'}, "
                   f"exact batch {eng.exact_batch or '-'}, {cpu_name()}" + (f", {args.gpu_layers} layers on GPU" if args.gpu_layers else ""),
         "tree": tree, "costs": dict(asdict(costs), ratio=costs.ratio()) if costs else None,
+        # the auto tree is planned again from live acceptance every 64 steps: where it ended
+        "tree_final": eng.plan.paths if eng.plan and not profile else tree,
         "expected_speedup": eng.plan.expected_speedup if eng.plan and not profile else None,
     })
     os.makedirs(args.output, exist_ok=True)
