@@ -344,7 +344,7 @@ def main(argv=None) -> int:
         plan = tune.plan(prof, costs, eng.max_auto_nodes)
         tree = plan.paths
         replay_eng = Engine(eng.model_path, None, tree=plan.paths or "chain:0", exact=eng.exact, **kw) if plan.paths else None
-        proposers: dict = {}
+        proposers: dict = {"current": ReplayProposer([], prof, m.n_vocab)}  # the warm-up knows no continuation
 
         def on_plain(i, run):
             heads_cost = None
