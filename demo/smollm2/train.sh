@@ -15,7 +15,7 @@ echo "== prompts (1600 training prompts, generated; none from MT-Bench)"
 $PY -m medusa_edge.prompt_gen -n 1600 --seed 0 -o "$W/prompts.jsonl" --heldout "$W/heldout.jsonl"
 echo "== self-distillation data and training (the recipe the variants in demo/README.md chose)"
 $PY -m medusa_edge.train_heads "$BASE" --data "$W/prompts.jsonl" --cache "$W/data" -o "$W/heads.medusa.gguf" \
-    --gen-tokens 128 --parallel 32 ${RECIPE:---heads 4 --layers 1 --shared-output --steps 300 --lr 1e-3 --batch 256} --seed 0
+    --gen-tokens 128 --parallel 32 ${RECIPE:---heads 4 --layers 1 --shared-output --steps 300 --lr 3e-3 --batch 256} --seed 0
 echo "== held-out figures on the 80 MT-Bench first turns"
 $PY demo/smollm2/eval_heads.py "$BASE" "$W/heads.medusa.gguf" --cache "$W/mtbench.npz" --json "$W/eval.json"
 echo "to ship: cp $W/heads.medusa.gguf medusa_edge/models/SmolLM2-135M-Instruct.Q4_1.medusa.gguf"
