@@ -55,7 +55,7 @@ def random_blocks(rows: int, cols: int, qtype: str, rng) -> np.ndarray:
 def write(path: str, shape: str, qtype: str, seed: int = 0, log=print) -> None:
     import gguf
 
-    from medusa_edge.testing import make_vocab
+    from medusa_edge.testing import add_llama_metadata, make_vocab
 
     n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab = SHAPES[shape]
     head_dim = n_embd // n_head
@@ -85,26 +85,9 @@ def write(path: str, shape: str, qtype: str, seed: int = 0, log=print) -> None:
     plan += [("output_norm.weight", 0, n_embd, "f32"), ("output.weight", n_vocab, n_embd, "q6_k" if qtype == "q4_k_m" else base_q)]
 
     w = gguf.GGUFWriter(path, "llama")
-    w.add_name(f"random-{shape}-{qtype}")
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type({"q4_0": 2, "q4_k_m": 15}[qtype])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    add_llama_metadata(w, f"random-{shape}-{qtype}", n_ctx_train=4096, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
+                       n_head=n_head, n_head_kv=n_head_kv, file_type={"q4_0": 2, "q4_k_m": 15}[qtype],
+                       vocab=(tokens, scores, types))
     nbytes_of = {"q4_0": (32, 18), "q4_k": (256, 144), "q6_k": (256, 210)}
     for name, rows, cols, q in plan:
         if q == "f32":

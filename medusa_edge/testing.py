@@ -56,6 +56,33 @@ def make_vocab(n_words: int = 240, salt: int = 0) -> tuple[list[str], list[float
     return tokens, scores, types
 
 
+def add_llama_metadata(w, name: str, *, n_ctx_train: int, n_embd: int, n_layer: int, n_ff: int, n_head: int,
+                       n_head_kv: int, file_type: int, vocab: tuple) -> None:
+    """The hyperparameters and SentencePiece-style vocabulary (tokens, scores, types from
+    ``make_vocab``; BOS 1, EOS 2, UNK 0) of a Llama GGUF, on a gguf-py writer."""
+    tokens, scores, types = vocab
+    w.add_name(name)
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(file_type)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
 @dataclass
 class TinyLlama:
     path: str
@@ -103,27 +130,9 @@ def write_llama_gguf(
         return (rng.standard_normal((rows, cols), dtype=np.float32) * (scale / np.sqrt(cols))).astype(np.float32)
 
     w = gguf.GGUFWriter(path, arch)
-    w.add_name("tiny-random-llama")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(n_vocab)
-    ftype = {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
-    w.add_file_type(ftype)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    add_llama_metadata(w, "tiny-random-llama", n_ctx_train=n_ctx_train, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
+                       n_head=n_head, n_head_kv=n_head_kv, file_type={"f32": 0, "f16": 1, "q8_0": 7}[dtype],
+                       vocab=(tokens, scores, types))
     if chat_template:
         w.add_chat_template(chat_template)
 
