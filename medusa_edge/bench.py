@@ -316,7 +316,7 @@ def main(argv=None) -> int:
         profile = load_profile(args.replay) if args.replay else None
         llm = Medusa(args.model, args.heads, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                      tree=None if not args.replay else "chain:0")
-    except (MedusaError, ValueError, OSError) as e:
+    except (MedusaError, ValueError, TypeError, OSError) as e:
         print(f"medusa-edge bench: error: {e}", file=sys.stderr)
         return 1
     eng = llm.engine

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     if len(c.batch) and c.batch[-1] < e.max_auto_nodes:
         print(f"  (stopped at B={c.batch[-1]}: the cost grows linearly from there, so no larger tree can pay)")
     print("heads pass: " + ", ".join(f"{d} heads {t * 1e3:.2f} ms" for d, t in enumerate(c.t_heads) if d))
-    src = "the heads file (measured at training)" if e.heads_info.get("rank_accuracy") else "the Vicuna-7B Medusa-1 prior"
+    src = "the heads file (measured at training)" if e.heads_info.get("rank_accuracy") else "a Vicuna-7B-like prior"
     acc = e.live.estimate()
     print(f"accuracies from {src}; top-1 per head: " + " ".join(f"{a:.2f}" for a in acc[:, 0]))
     print("\n nodes  E[tokens/step]  ms/step  expected speed-up")
