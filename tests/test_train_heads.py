@@ -310,3 +310,32 @@ def test_grow_tree():
     assert t == sorted(t, key=lambda p: (len(p), p)) and len(t) == 5 and (1,) in t
     assert abs(th.expected_tokens_per_step(acc, [(0,), (0, 0)]) - (1 + 0.8 + 0.48)) < 1e-9
     assert th.grow_tree(acc, 1) == []
+
+
+def test_generation_resumes_after_an_interruption(trained, tmp_path, monkeypatch):
+    """Generation stopped part-way keeps the shards written before the stop; a rerun continues
+    after the last one and ends with the same data as a run that was never stopped."""
+    prompts = th.load_prompts(trained["data"])[:20]
+    base = th.BaseModel(trained["base"].path, 128, 1, chat="off")
+    kw = dict(gen_tokens=16, temperature=0.0, seed=0, max_prompt_tokens=64, n_parallel=4, shard_size=4, progress=False,
+              log=lambda *a: None)
+    full = th.DataCache(str(tmp_path / "full"), {"k": 1})
+    th.generate_data(base, prompts, full, **kw)
+    real = th.BatchedGenerator.run
+
+    def stop_after_9(self, *a, **k):
+        for n, item in enumerate(real(self, *a, **k)):
+            if n == 9:
+                raise KeyboardInterrupt
+            yield item
+
+    part = th.DataCache(str(tmp_path / "part"), {"k": 1})
+    monkeypatch.setattr(th.BatchedGenerator, "run", stop_after_9)
+    with pytest.raises(KeyboardInterrupt):
+        th.generate_data(base, prompts, part, **kw)
+    monkeypatch.setattr(th.BatchedGenerator, "run", real)
+    assert not part.complete and 0 < part.n_done < 20 and part.n_done % 4 == 0
+    th.generate_data(base, prompts, th.DataCache(str(tmp_path / "part"), {"k": 1}), **kw)
+    a, b = full.load(), th.DataCache(str(tmp_path / "part"), {"k": 1}).load()
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3])
+    np.testing.assert_allclose(a[0].take(np.arange(len(a[1]))), b[0].take(np.arange(len(b[1]))), atol=1e-2)
