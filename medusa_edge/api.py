@@ -107,7 +107,11 @@ class Medusa:
 
     ``heads_path=None`` looks for ``<model stem>.medusa.gguf`` next to the model; with no heads
     the model decodes plainly (and says so once on stderr). ``tree`` is a preset name, ``chain:N``,
-    a JSON file or a list of paths; by default the heads file's own tree.
+    a JSON file or a list of paths, ``"heads"`` for the heads file's own, or ``"auto"`` (the
+    default with heads): the tree planned for this device (docs/design.md section 8).
+    ``flash_attn`` (None: llama.cpp's auto), ``type_k``/``type_v`` (KV cache ggml types, e.g.
+    ``llama_cpp.GGML_TYPE_Q8_0``; default F16) are llama-cpp-python's. ``exact`` (default) keeps
+    every output equal to plain decoding's with the same settings (docs/design.md section 5).
     """
 
     def __init__(
@@ -123,6 +127,8 @@ class Medusa:
         tree=None,
         f32_kv: bool = False,
         flash_attn: Optional[bool] = None,
+        type_k: Optional[int] = None,
+        type_v: Optional[int] = None,
         exact: bool = True,
         chat_format: Optional[str] = None,
         verbose: bool = False,
@@ -148,7 +154,8 @@ class Medusa:
         self._seed = seed
         self.engine = Engine(
             model_path, heads_path, tree=tree, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-            n_gpu_layers=n_gpu_layers, f32_kv=f32_kv, flash_attn=flash_attn, exact=exact, verbose=verbose,
+            n_gpu_layers=n_gpu_layers, f32_kv=f32_kv, flash_attn=flash_attn, type_k=type_k, type_v=type_v, exact=exact,
+            verbose=verbose,
         )
         self.last_stats: Optional[Stats] = None
 

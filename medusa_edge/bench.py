@@ -12,9 +12,10 @@ first), so slow drift of the machine falls on all of them alike:
 - ``medusa``: the engine's default tree (``auto``: planned for this device), and ``medusa[T]``
   for every ``--tree T``;
 - ``llama-cpp-python``: llama-cpp-python's ``Llama.generate``, same GGUF and numerics settings
-  (in exact mode on a CPU that means one-token decodes on one thread, as the engine's plain
-  decoding); and, where that differs, ``llama-cpp-python (N threads)``: one-token decodes on all
-  threads, what a user runs without the exactness guarantee;
+  (in exact mode on a CPU that means one-token decodes on one thread, which past 256 KV cells
+  is the engine's plain decoding and below gives the same bits as its all-thread decodes); and,
+  where that differs, ``llama-cpp-python (N threads)``: one-token decodes on all threads, what a
+  user runs without the exactness guarantee;
 - ``prompt-lookup``: llama-cpp-python with ``LlamaPromptLookupDecoding`` (its default
   max_ngram_size 2, num_pred_tokens 10), speculation that needs no heads.
 
@@ -46,6 +47,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import tune
+from .cli import add_numerics_args, numerics_kwargs
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "mt_bench_questions.jsonl")
 
@@ -250,7 +252,9 @@ def markdown(result: dict) -> str:
     if result.get("tree") is not None:
         lines += [f"medusa tree: {len(result['tree']) + 1} nodes {result['tree']} at the start"
                   + (f", {len(result['tree_final']) + 1} nodes {result['tree_final']} at the end (planned again from "
-                     "live acceptance)" if result.get("tree_final") != result["tree"] else "")]
+                     "live acceptance)" if result.get("tree_final") != result["tree"] else "")
+                  + (f"; past 256 KV cells (one-token decodes on one thread): {len(result['tree_long_final']) + 1} nodes "
+                     f"{result['tree_long_final']}" if result.get("tree_long_final", result.get("tree_final")) != result.get("tree_final") else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -297,6 +301,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
     ap.add_argument("-c", "--ctx-size", type=int, default=2048)
     ap.add_argument("-ngl", "--gpu-layers", type=int, default=0)
+    add_numerics_args(ap)
     ap.add_argument("-o", "--output", default="bench-results", help="directory for bench.json, bench.md, bench.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
@@ -307,6 +312,7 @@ def main(argv=None) -> int:
     from ._loader import native
     from .api import Medusa, chat_prompt_tokens, prompt_tokens
     from .engine import Engine
+    from .tree import Tree
     from .errors import MedusaError
     from .train_heads import load_prompts
 
@@ -315,7 +321,7 @@ def main(argv=None) -> int:
         prompts = load_prompts(path)[: args.num_prompts]
         profile = load_profile(args.replay) if args.replay else None
         llm = Medusa(args.model, args.heads, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     tree=None if not args.replay else "chain:0")
+                     tree=None if not args.replay else "chain:0", **numerics_kwargs(args))
     except (MedusaError, ValueError, TypeError, OSError) as e:
         print(f"medusa-edge bench: error: {e}", file=sys.stderr)
         return 1
@@ -329,21 +335,31 @@ def main(argv=None) -> int:
         return chat_prompt_tokens(m, msgs, llm.chat_template)
 
     ids = [ids_of(p) for p in prompts]
-    kw = dict(n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
+    kw = dict(n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers, **numerics_kwargs(args))
     methods = [engine_method("plain", eng, max_depth=0)]
     on_plain = None
     costs, tree = eng.costs, (eng.plan.paths if eng.plan else [list(p) for p in eng.tree.paths])
+    tree_long = eng.plan_long.paths if eng.plan_long else [list(p) for p in eng.tree_long.paths]
     if profile is not None:
         # plan from the profile and this device's costs, then replay candidates through the proposer
-        key = tune.cache_key(f"replay|{eng.model_path}|{eng.n_threads_batch}|{eng.flash_attn}", None, eng.max_auto_nodes,
+        key = tune.cache_key(f"replay|{eng.model_path}|{eng.n_threads_batch}|{eng.flash_attn}|{eng.ctx.type_k}|{eng.ctx.type_v}",
+                             None, eng.max_auto_nodes,
                              eng.ctx.n_ctx)
-        costs, _ = tune.cached_costs(key, lambda: tune.measure_costs(eng.ctx, native, m, eng.heads, max_batch=eng.max_auto_nodes))
+        costs, _ = tune.cached_costs(key, lambda: tune.measure_costs(eng.ctx, native, m, eng.heads, max_batch=eng.max_auto_nodes,
+                                                                     n_threads=eng.n_threads, n_threads_long=eng.n_threads_long))
         prof = np.zeros((len(profile), tune.MAX_RANK))
         for i, r in enumerate(profile):
             prof[i, : min(len(r), tune.MAX_RANK)] = r[: tune.MAX_RANK]
-        plan = tune.plan(prof, costs, eng.max_auto_nodes)
-        tree = plan.paths
-        replay_eng = Engine(eng.model_path, None, tree=plan.paths or "chain:0", exact=eng.exact, **kw) if plan.paths else None
+        plan = tune.plan(prof, costs, eng.max_auto_nodes, max_leaves=eng.max_auto_leaves)
+        plan_long = tune.plan(prof, costs, eng.max_auto_nodes, max_leaves=eng.max_auto_leaves, long_context=True) \
+            if eng.n_threads_long != eng.n_threads else plan
+        tree, tree_long = plan.paths, plan_long.paths
+        replay_eng = None
+        if plan.paths or plan_long.paths:
+            # the context gets one sequence per leaf of the wider tree; then each regime its own tree
+            wide = max((plan.paths, plan_long.paths), key=lambda p: Tree.from_paths(p).n_leaves)
+            replay_eng = Engine(eng.model_path, None, tree=wide, exact=eng.exact, **kw)
+            replay_eng.use_trees(plan.paths, plan_long.paths)
         proposers: dict = {"current": ReplayProposer([], prof, m.n_vocab)}  # the warm-up knows no continuation
 
         def on_plain(i, run):
@@ -363,7 +379,7 @@ def main(argv=None) -> int:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         methods.append(llama_cpp_method("llama-cpp-python", eng, args.ctx_size))
-        if eng.n_threads != eng.n_threads_batch:
+        if eng.n_threads_long != eng.n_threads_batch:
             # what a user runs without exactness: one-token decodes on all threads too (faster on a
             # CPU; its text may differ from plain decoding's at near-ties, docs/design.md section 5)
             methods.append(llama_cpp_method(f"llama-cpp-python ({eng.n_threads_batch} threads)", eng, args.ctx_size,
@@ -374,11 +390,14 @@ def main(argv=None) -> int:
         "model": eng.model_path, "heads": eng.heads_path, "prompts": len(ids), "max_tokens": args.max_tokens,
         "prompt_file": os.path.abspath(path), "replay_profile": profile,
         "device": f"{eng.n_threads_batch} threads, flash attention {'on' if eng.flash_attn else 'off'}, "
+                  f"KV {args.cache_type_k}/{args.cache_type_v}, "
                   f"exact batch {eng.exact_batch or '-'}, {cpu_name()}" + (f", {args.gpu_layers} layers on GPU" if args.gpu_layers else ""),
         "tree": tree, "costs": dict(asdict(costs), ratio=costs.ratio()) if costs else None,
         # the auto tree is planned again from live acceptance every 64 steps: where it ended
         "tree_final": eng.plan.paths if eng.plan and not profile else tree,
         "expected_speedup": eng.plan.expected_speedup if eng.plan and not profile else None,
+        # past 256 KV cells exact mode decodes single tokens on one thread on a CPU, and plans a tree for that
+        "tree_long_final": eng.plan_long.paths if eng.plan_long and not profile else tree_long,
     })
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "bench.json"), "w") as f:

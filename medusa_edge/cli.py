@@ -21,6 +21,26 @@ EPILOG = """examples:
 """
 
 
+#: KV cache types llama.cpp's own CLI accepts (--cache-type-k/-v), as ggml type ids (ggml.h)
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
+
+
+def add_numerics_args(p) -> None:
+    """Flash attention and KV cache types, named as llama.cpp's CLI names them."""
+    p.add_argument("-fa", "--flash-attn", choices=("auto", "on", "off"), default="auto",
+                   help="flash attention (default auto: on where the device supports it; exactness on a CPU needs it)")
+    p.add_argument("-ctk", "--cache-type-k", choices=sorted(KV_CACHE_TYPES), default="f16",
+                   help="KV cache type for K (default f16)")
+    p.add_argument("-ctv", "--cache-type-v", choices=sorted(KV_CACHE_TYPES), default="f16",
+                   help="KV cache type for V (default f16; quantized V needs flash attention)")
+
+
+def numerics_kwargs(args) -> dict:
+    """``add_numerics_args``'s flags as Medusa/Engine keyword arguments."""
+    return dict(flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
+                type_k=KV_CACHE_TYPES[args.cache_type_k], type_v=KV_CACHE_TYPES[args.cache_type_v])
+
+
 def _add_generate(sub):
     g = sub.add_parser(
         "generate", help="stream a completion and print Medusa statistics",
@@ -48,6 +68,7 @@ def _add_generate(sub):
     g.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
+    add_numerics_args(g)
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
@@ -57,7 +78,7 @@ def _generate(args) -> int:
     try:
         llm = Medusa(
             args.model, args.heads, tree="chain:0" if args.no_medusa else args.tree, n_ctx=args.ctx_size,
-            n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
+            n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **numerics_kwargs(args),
         )
         from .api import chat_prompt_tokens
 

@@ -129,6 +129,8 @@ class Engine:
 
     ``heads_path=None`` with ``tree`` None decodes plainly (one token per forward): the same
     code path with a root-only tree, which is also the lossless baseline in benchmarks.
+    ``type_k``/``type_v``: ggml types of the KV cache (None: F16, or F32 with ``f32_kv``); a
+    quantized V cache needs flash attention (llama.cpp refuses it otherwise, a ModelLoadError).
     """
 
     def __init__(
@@ -143,6 +145,8 @@ class Engine:
         n_gpu_layers: int = 0,
         f32_kv: bool = False,
         flash_attn: Optional[bool] = None,
+        type_k: Optional[int] = None,
+        type_v: Optional[int] = None,
         exact: bool = True,
         top_k: int = 10,
         verbose: bool = False,
@@ -188,12 +192,21 @@ class Engine:
         # when the region is wide enough to prefill in (so a reused prefix equals a cold start).
         self.exact = bool(exact)
         self.exact_batch = 0  # 0: not measured (exact=False); 1: no exact region here
-        # one-token decodes on one thread in exact mode on the CPU (exactness.single_threads)
-        self.n_threads_batch = n_threads
-        self.n_threads = exactness.single_threads(n_threads) if self.exact and not on_gpu else n_threads
+        # Threads: batches get all; so do one-token decodes, except in exact mode on the CPU once
+        # the KV view reaches 512 cells (exactness.single_threads), where they get n_threads_long.
+        self.n_threads = self.n_threads_batch = n_threads
+        tk = -1 if type_k is None else int(type_k)
+        tv = -1 if type_v is None else int(type_v)
+        split = exactness.kv_may_split(tk if tk >= 0 else (0 if f32_kv else 1), tv if tv >= 0 else (0 if f32_kv else 1))
+        self.n_threads_long = exactness.single_threads(n_threads, exactness.SPLIT_FREE_CELLS + 1, split) \
+            if self.exact and not on_gpu else n_threads
+        self._n_threads_single = self.n_threads_long  # what the context has now
         if self.exact:
-            self.exact_batch, _ = exactness.exact_batch(self.model, model_path, n_threads=n_threads, flash_attn=fa,
-                                                        f32_kv=f32_kv, n_gpu_layers=n_gpu_layers)
+            try:  # the probe makes the first contexts: bad settings (a KV type, ...) fail here
+                self.exact_batch, _ = exactness.exact_batch(self.model, model_path, n_threads=n_threads, flash_attn=fa,
+                                                            f32_kv=f32_kv, n_gpu_layers=n_gpu_layers, type_k=tk, type_v=tv)
+            except (RuntimeError, ValueError) as e:
+                raise ModelLoadError(str(e)) from None
             if self.exact_batch >= 2:
                 self.tree = self.tree.prefix(self.exact_batch)
         # every prompt row computed as a one-token decode: chunking and prefix reuse change nothing
@@ -210,8 +223,8 @@ class Engine:
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
         n_seq = max(1, self.max_auto_leaves if self.auto else self.tree.n_leaves)
         try:
-            self.ctx = native.Context(self.model, n_ctx, n_batch, self.n_threads, n_seq, f32_kv, fa,
-                                      n_ubatch, self.n_threads_batch)
+            self.ctx = native.Context(self.model, n_ctx, n_batch, self._n_threads_single, n_seq, f32_kv, fa,
+                                      n_ubatch, self.n_threads_batch, tk, tv)
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
         self.flash_attn = bool(self.ctx.flash_attn)
@@ -228,12 +241,15 @@ class Engine:
                 self.heads = native.Heads(heads_path, model_path, n_threads, n_gpu_layers != 0)
             except (RuntimeError, ValueError) as e:
                 raise HeadsError(str(e)) from None
-        self._shapes: dict[int, tuple[Tree, object]] = {}
+        self._shapes: dict[tuple, tuple[Tree, object]] = {}
+        # the tree for a KV cache past the split (see _replan); a fixed tree serves both
+        self.tree_long = self.tree
         self.costs: Optional[tune.Costs] = None
         self.plan: Optional[tune.Plan] = None
+        self.plan_long: Optional[tune.Plan] = None
         self.live: Optional[tune.LiveAcceptance] = None
         if self.auto and self.max_auto_nodes >= 2:
-            self._tune(exactness.cache_key(model_path, n_threads=n_threads, flash_attn=fa, f32_kv=f32_kv,
+            self._tune(exactness.cache_key(model_path, n_threads=n_threads, flash_attn=fa, f32_kv=f32_kv, type_k=tk, type_v=tv,
                                            n_gpu_layers=n_gpu_layers))
 
     def _tune(self, device_key: str) -> None:
@@ -245,9 +261,11 @@ class Engine:
         def measure():
             if self.verbose:
                 print("medusa-edge: measuring verification costs on this device (once)", file=sys.stderr)
-            return tune.measure_costs(self.ctx, native, self.model, self.heads, max_batch=self.max_auto_nodes)
+            return tune.measure_costs(self.ctx, native, self.model, self.heads, max_batch=self.max_auto_nodes,
+                                      n_threads=self.n_threads, n_threads_long=self.n_threads_long)
 
         self.costs, _ = tune.cached_costs(key, measure)
+        self._n_threads_single = self.ctx.n_threads
         n_heads = self.heads.n_heads
         acc = self.heads_info.get("rank_accuracy") or tune.VICUNA_7B_PROFILE
         prior = np.zeros((n_heads, tune.MAX_RANK))
@@ -261,13 +279,21 @@ class Engine:
     REPLAN_EVERY = 64
 
     def _replan(self) -> None:
+        """Both auto trees from the live accuracies: ``tree`` while one-token decodes get all
+        threads, ``tree_long`` once they get ``n_threads_long`` (plain decoding is slower there,
+        so a tree pays sooner)."""
         acc = self.live.estimate()
-        self.plan = tune.plan(acc, self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads,
-                              max_leaves=self.max_auto_leaves)
-        paths = tuple(tuple(p) for p in self.plan.paths)
-        if paths != self.tree.paths:
-            self.tree = Tree.from_paths(self.plan.paths)
-            self._shapes.clear()
+
+        def one(long_context: bool) -> tune.Plan:
+            return tune.plan(acc, self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads,
+                             max_leaves=self.max_auto_leaves, long_context=long_context)
+
+        self.plan = one(False)
+        self.plan_long = one(True) if self.n_threads_long != self.n_threads else self.plan
+        for attr, p in (("tree", self.plan), ("tree_long", self.plan_long)):
+            if tuple(tuple(x) for x in p.paths) != getattr(self, attr).paths:
+                setattr(self, attr, Tree.from_paths(p.paths))
+                self._shapes.clear()
         self._planned_at = self.live.steps
 
     # -- setup ---------------------------------------------------------------------------------
@@ -289,6 +315,22 @@ class Engine:
     #: cold start at near-ties; Medusa still equals plain decoding, which prefills the same way).
     MIN_EXACT_UBATCH = 32
 
+    def use_trees(self, tree, tree_long=None) -> None:
+        """Fixed trees from now on: ``tree`` while one-token decodes get all threads, ``tree_long``
+        past the split (None: the same). Each is cut to the exact batch in exact mode and must fit
+        the context's sequences (TreeError otherwise). Ends ``tree="auto"``'s planning."""
+        out = []
+        for t in (tree, tree if tree_long is None else tree_long):
+            t = self._choose_tree(t) if not isinstance(t, Tree) else t
+            if self.exact and self.exact_batch >= 2:
+                t = t.prefix(self.exact_batch)
+            t.check(n_heads=self.heads.n_heads if self.heads else t.max_depth, n_seq_max=self.ctx.n_seq_max,
+                    n_batch=self.ctx.n_batch)
+            out.append(t)
+        self.tree, self.tree_long = out
+        self.auto, self.live = False, None
+        self._shapes.clear()
+
     def _choose_tree(self, tree) -> Tree:
         """A fixed tree: the caller's; "heads" for the one stored in the heads file (else the
         reference's default cut to the heads); root-only without heads."""
@@ -306,17 +348,27 @@ class Engine:
             return Tree.from_paths([])  # without heads there is nothing to tune
         return Tree.resolve(tree)
 
-    def _shape(self, max_depth: int, max_nodes: int) -> tuple[Tree, object]:
-        """The tree cut to ``max_depth`` and then to its first ``max_nodes`` nodes (node order is
-        depth-first pre-order, so any prefix is still a tree), with its native shape. Called every step:
-        the cache lookup comes first, trees are only built on a miss."""
-        depth = min(max(max_depth, 0), self.tree.max_depth)
-        n_nodes = min(max(max_nodes, 1), int(np.count_nonzero(self.tree.depth <= depth)))
-        key = (depth, n_nodes)
+    def _shape(self, long: bool, max_depth: int, max_nodes: int) -> tuple[Tree, object]:
+        """The tree (``tree_long`` if ``long``, else ``tree``) cut to ``max_depth`` and then to
+        its first ``max_nodes`` nodes (node order is depth-first pre-order, so any prefix is still a
+        tree), with its native shape. Called every step: the cache lookup comes first, trees are
+        only built on a miss."""
+        full = self.tree_long if long else self.tree
+        depth = min(max(max_depth, 0), full.max_depth)
+        n_nodes = min(max(max_nodes, 1), int(np.count_nonzero(full.depth <= depth)))
+        key = (long and full is not self.tree, depth, n_nodes)
         if key not in self._shapes:
-            t = self.tree.truncated(depth).prefix(n_nodes)
+            t = full.truncated(depth).prefix(n_nodes)
             self._shapes[key] = (t, native.TreeShape(t.depth.tolist(), [list(s) for s in t.seq_sets]))
         return self._shapes[key]
+
+    def _threads_for(self, n_cells: int) -> None:
+        """Threads for a one-token decode after which the KV cache holds ``n_cells`` cells
+        (exactness.single_threads); llama.cpp only stores the numbers, so this is cheap."""
+        n = self.n_threads if n_cells <= exactness.SPLIT_FREE_CELLS else self.n_threads_long
+        if n != self._n_threads_single:
+            self.ctx.set_threads(n, self.n_threads_batch)
+            self._n_threads_single = n
 
     @property
     def n_ctx(self) -> int:
@@ -376,12 +428,16 @@ class Engine:
             raise ValueError("the prompt is empty: pass at least one token (e.g. BOS)")
         if n_prompt >= self.n_ctx:
             raise ContextOverflowError(f"prompt has {n_prompt} tokens but the context holds {self.n_ctx}: shorten it or raise n_ctx")
-        tree_depth = self.tree.max_depth if max_depth is None else max(0, min(max_depth, self.tree.max_depth))
-        if self.heads is None and proposer is None and tree_depth > 0:
+        def tree_depth(long: bool) -> int:
+            full = self.tree_long if long else self.tree
+            return full.max_depth if max_depth is None else max(0, min(max_depth, full.max_depth))
+
+        any_depth = max(tree_depth(False), tree_depth(True))
+        if self.heads is None and proposer is None and any_depth > 0:
             raise TreeError("a tree needs candidates: load Medusa heads or pass a proposer")
         budget = min(max_tokens, self.n_ctx - n_prompt)
         stats.n_prompt = n_prompt
-        n_heads = self.heads.n_heads if self.heads is not None else self.tree.max_depth
+        n_heads = self.heads.n_heads if self.heads is not None else max(self.tree.max_depth, self.tree_long.max_depth)
         stats.head_accepts = [0] * n_heads
         sampler = self._sampler(params)
         token = object()
@@ -396,9 +452,10 @@ class Engine:
             # root alone, and the chunking stays llama-cpp-python's.
             prompt = [int(t) for t in prompt]
             n_keep = self._reusable(prompt) if reuse_prefix else 0
-            hidden = tree_depth > 0 and self.exact_prefill
+            hidden = any_depth > 0 and self.exact_prefill
             self._kv_tokens = []  # unknown until the prefill has succeeded
             self.ctx.truncate(n_keep)
+            self._threads_for(n_prompt)  # only the last micro-batch may be a single token
             self.ctx.prefill(prompt[n_keep:], n_keep, hidden)
             self._kv_tokens, self._kv_epoch = prompt, self.ctx.epoch
             stats.n_prompt_reused = n_keep
@@ -415,9 +472,11 @@ class Engine:
                 return
             while True:
                 remaining = budget - len(generated)
-                # the tree must fit both the tokens still wanted and the free KV cells
-                depth = 0 if row is None else tree_depth
-                tree, shape = self._shape(min(remaining - 1, depth), self.n_ctx - n_past)
+                # the tree must fit both the tokens still wanted and the free KV cells; past the
+                # split one-token decodes are slower, and a tree may pay where it did not before
+                long = n_past + 1 > exactness.SPLIT_FREE_CELLS
+                depth = 0 if row is None else tree_depth(long)
+                tree, shape = self._shape(long, min(remaining - 1, depth), self.n_ctx - n_past)
                 # propose: the heads' top-k at the position that produced the root
                 th = time.perf_counter()
                 proposals = self._propose(tree, row, generated, proposer)
@@ -425,7 +484,10 @@ class Engine:
                 # build tree, verify (one forward)
                 tokens = tree.candidate_tokens(root, proposals) if tree.n_nodes > 1 else np.array([root], np.int32)
                 td = time.perf_counter()
+                self._threads_for(n_past + len(tokens))
                 self.ctx.decode_tree(shape, tokens, n_past)
+                # llama_decode may return before a GPU is done; wait, so the time is the forward's
+                self.ctx.synchronize()
                 stats.t_decode += time.perf_counter() - td
                 # accept
                 path, root = self._accept(tree, tokens, sampler, params)
@@ -479,7 +541,9 @@ class Engine:
         rest = np.ascontiguousarray(tokens[path[keep:]], dtype=np.int32)
         chain_shape = self._chain_shape(len(rest))
         t = time.perf_counter()
+        self._threads_for(n_past + keep + len(rest))
         self.ctx.decode_tree(chain_shape, rest, n_past + keep)
+        self.ctx.synchronize()
         self.ctx.commit(chain_shape, list(range(len(rest))), n_past + keep)
         stats.t_decode += time.perf_counter() - t
         stats.realigned += len(rest)
@@ -542,9 +606,16 @@ class Engine:
             path = accept_typical(tree, tokens, probs_at, p.posterior_threshold, p.posterior_alpha)
             return path, int(self.ctx.argmax(path[-1] + 1)[path[-1]])
         if p.plain_argmax or p.acceptance == "typical":
-            argmax = self.ctx.argmax(tree.n_nodes)
-            path = accept_greedy(tree, tokens, argmax)
-            return path, int(argmax[path[-1]])
+            # lazily: only the rows on the accepted path are scanned (at most depth + 1 of n_nodes)
+            seen: dict[int, int] = {}
+
+            def argmax_at(node: int) -> int:
+                if node not in seen:
+                    seen[node] = self.ctx.argmax_row(node)
+                return seen[node]
+
+            path = accept_greedy(tree, tokens, argmax_at)
+            return path, argmax_at(path[-1])
         # Exact sampling: draw at a node; descend while a child carries the drawn token.
         path, node = [0], 0
         while True:

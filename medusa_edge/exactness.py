@@ -48,34 +48,37 @@ def _file_id(path: str) -> str:
     return f"{st.st_size}:{h.hexdigest()[:32]}"
 
 
-def cache_key(model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool, n_gpu_layers: int) -> str:
+def cache_key(model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool, n_gpu_layers: int,
+              type_k: int = -1, type_v: int = -1) -> str:
     import llama_cpp
 
     from .hwguard import use_extra_bufts
 
     parts = [
-        "probe=2", _file_id(model_path), f"threads={n_threads}", f"fa={int(flash_attn)}", f"f32kv={int(f32_kv)}", f"ngl={n_gpu_layers}",
+        "probe=3", _file_id(model_path), f"threads={n_threads}", f"fa={int(flash_attn)}", f"f32kv={int(f32_kv)}", f"ngl={n_gpu_layers}",
+        f"kv={type_k},{type_v}",
         f"extra_bufts={int(use_extra_bufts())}", f"llama_cpp_python={llama_cpp.__version__}", native.system_info(),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def probe(model, *, n_threads: int, flash_attn: int, f32_kv: bool, max_batch: int = CANDIDATES[0],
-          seed: int = 0) -> tuple[int, bool]:
+          seed: int = 0, type_k: int = -1, type_v: int = -1) -> tuple[int, bool]:
     """(the largest batch size from CANDIDATES, at most ``max_batch``, at which every row of one
     batched decode equals, bit for bit, the same tokens decoded one at a time, or 1 if none;
     whether flash attention was on). ``flash_attn``: 1 on, 0 off, -1 llama.cpp's auto.
 
-    One-token decodes run on ``single_threads(n_threads)`` threads and batches on ``n_threads``, as
-    the engine's exact mode runs them. Measured after a short prompt and after one long enough
-    (PROBE_PROMPTS) that the KV cache spans 512 cells, where ggml-cpu's one-query attention starts
-    to split the cells across threads."""
+    One-token decodes run on ``single_threads(n_threads, cells)`` threads and batches on
+    ``n_threads``, as the engine's exact mode runs them. Measured after a short prompt (all threads)
+    and after one long enough (PROBE_PROMPTS) that the KV cache spans 512 cells, where ggml-cpu's
+    one-query attention would split the cells across threads (one thread)."""
     sizes = [b for b in CANDIDATES if b <= max_batch]
     n = sizes[0] if sizes else 1
     fa_on = False
     for n_prompt in PROBE_PROMPTS:
-        ctx = native.Context(model, n_prompt + n + 8, max(n, 64), single_threads(n_threads), 1, f32_kv, flash_attn, 0,
-                             n_threads)
+        ctx = native.Context(model, n_prompt + n + 8, max(n, 64), n_threads, 1, f32_kv, flash_attn, 0, n_threads,
+                             type_k, type_v)
+        split = kv_may_split(ctx.type_k, ctx.type_v)
         fa_on = bool(ctx.flash_attn)
         if not sizes:
             break
@@ -87,6 +90,7 @@ def probe(model, *, n_threads: int, flash_attn: int, f32_kv: bool, max_batch: in
         ctx.prefill(prompt, 0, False)
         single = []
         for i in range(n):
+            ctx.set_threads(single_threads(n_threads, n_prompt + i + 1, split), n_threads)
             ctx.decode_tree(one, chain[i : i + 1], n_prompt + i)
             single.append(ctx.logits(0))
         exact = [b for b in sizes if _rows_equal(ctx, chain, single, b, n_prompt)]
@@ -101,19 +105,39 @@ def _rows_equal(ctx, chain, single, b: int, n_prompt: int) -> bool:
     return all(np.array_equal(ctx.logits(r), single[r]) for r in range(b))
 
 
-def single_threads(n_threads: int) -> int:
-    """Threads for one-token decodes in exact mode on the CPU: one. With flash attention,
-    ggml-cpu splits a single query's KV cells across threads once the cache spans 512 cells
-    (``use_split_kv_path``) and sums the partial results in another order than any batched row
-    does; on one thread the split is one chunk, computed exactly as a batched row (docs/design.md
-    section 5). Batches, almost every step of Medusa, keep all ``n_threads``."""
-    return 1
+#: KV cells a one-token decode may fill (its own included) and still have all threads: ggml-cpu
+#: splits a single query's cells across threads once the attention view spans 512 cells
+#: (ops.cpp ``use_split_kv_path``: one query row, F16/F32 K and V, ``nek1 >= 512``), and llama.cpp
+#: pads that view to 256 cells (llama-kv-cache.cpp ``get_n_kv``: max(256, pad(used cells, 256))).
+SPLIT_FREE_CELLS = 256
+
+
+#: ggml type ids of F32 and F16 (ggml.h), the KV types whose one-query attention ggml-cpu splits
+GGML_F32, GGML_F16 = 0, 1
+
+
+def kv_may_split(type_k: int, type_v: int) -> bool:
+    """Whether ggml-cpu's split-KV path can take a one-token decode with this KV cache: only F16
+    or F32 K with V of the same type (ops.cpp ``use_split_kv_path``). A quantized cache never splits."""
+    return type_k in (GGML_F32, GGML_F16) and type_k == type_v
+
+
+def single_threads(n_threads: int, n_cells: int, split: bool = True) -> int:
+    """Threads for a one-token decode in exact mode on the CPU after which the KV cache holds
+    ``n_cells`` cells: all ``n_threads`` while the attention view stays below 512 cells, where the
+    one-query kernel is the batched rows' kernel; one beyond, where on more threads it splits the
+    cells and sums the partial results in another order than any batched row, and on one thread the
+    split is a single chunk, computed as a batched row computes it (docs/design.md section 5).
+    ``split``: ``kv_may_split`` for the cache; without it, all threads at any length. Batches,
+    almost every step of Medusa, always get all ``n_threads``."""
+    return n_threads if n_cells <= SPLIT_FREE_CELLS or not split else 1
 
 
 def exact_batch(model, model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool, n_gpu_layers: int,
-                use_cache: bool = True) -> tuple[int, bool]:
+                use_cache: bool = True, type_k: int = -1, type_v: int = -1) -> tuple[int, bool]:
     """``probe`` for this model and device, through the on-disk cache."""
-    key = cache_key(model_path, n_threads=n_threads, flash_attn=flash_attn, f32_kv=f32_kv, n_gpu_layers=n_gpu_layers)
+    key = cache_key(model_path, n_threads=n_threads, flash_attn=flash_attn, f32_kv=f32_kv, n_gpu_layers=n_gpu_layers,
+                    type_k=type_k, type_v=type_v)
     path = _cache_path()
     with _lock:
         table: dict = {}
@@ -126,7 +150,7 @@ def exact_batch(model, model_path: str, *, n_threads: int, flash_attn: int, f32_
                     return int(hit[0]), bool(hit[1])
             except (OSError, ValueError, AttributeError, TypeError):
                 table = {}
-        b, fa = probe(model, n_threads=n_threads, flash_attn=flash_attn, f32_kv=f32_kv)
+        b, fa = probe(model, n_threads=n_threads, flash_attn=flash_attn, f32_kv=f32_kv, type_k=type_k, type_v=type_v)
         if use_cache:
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -152,10 +176,13 @@ def first_divergence(a: list, b: list) -> Optional[int]:
 def llama_cpp_baseline(engine, **kwargs):
     """llama-cpp-python's ``Llama`` on the engine's GGUF with the settings that decide its
     numerics (flash attention, micro-batch size, AMX guard), so its greedy text is the plain
-    decoding the engine promises to equal. ``kwargs`` go to ``Llama`` (n_ctx, seed, ...)."""
+    decoding the engine promises to equal. Its one-token decodes run on ``n_threads_long`` threads:
+    past 256 KV cells that is what the engine runs, and below it one thread and all give the same
+    bits (``single_threads``). ``kwargs`` go to ``Llama`` (n_ctx, seed, ...)."""
     from .hwguard import llama_cpp_llama
 
     kw = dict(flash_attn=engine.flash_attn, n_batch=engine.ctx.n_batch, n_ubatch=engine.ctx.n_ubatch,
-              n_threads=engine.n_threads, n_threads_batch=engine.n_threads_batch, verbose=False)
+              type_k=engine.ctx.type_k, type_v=engine.ctx.type_v,
+              n_threads=engine.n_threads_long, n_threads_batch=engine.n_threads_batch, verbose=False)
     kw.update(kwargs)
     return llama_cpp_llama(engine.model_path, **kw)

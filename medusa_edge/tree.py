@@ -220,17 +220,20 @@ class Tree:
 # -- acceptance: pure functions over one verified tree --------------------------------------------
 
 
-def accept_greedy(tree: Tree, tokens: np.ndarray, argmax: np.ndarray) -> list[int]:
+def accept_greedy(tree: Tree, tokens: np.ndarray, argmax) -> list[int]:
     """The longest root path whose every node equals the base model's argmax at its parent.
 
-    tokens[n]: the tree's tokens; argmax[n]: the base model's argmax at each node.
-    Returns the accepted node indices, root first. Ties between siblings cannot arise
-    (siblings with the same token share the same prefix; the first in node order wins).
+    tokens[n]: the tree's tokens; argmax: the base model's argmax at each node, an array or a
+    function of the node (called once for each node on the accepted path and no other, so the
+    rows off the path are never read). Returns the accepted node indices, root first. Ties
+    between siblings cannot arise (siblings with the same token share the same prefix; the first
+    in node order wins).
     """
+    at = argmax if callable(argmax) else argmax.__getitem__
     path = [0]
     node = 0
     while True:
-        want = argmax[node]
+        want = at(node)
         nxt = next((c for c in tree.children[node] if tokens[c] == want), None)
         if nxt is None:
             return path

@@ -63,6 +63,9 @@ class Costs:
     t_host: float = 0.0  # host work of a tree step beside decode and heads (accept, commit, bookkeeping)
     t_host_plain: float = 0.0  # the same for a plain step
     rounds: int = 0
+    # a one-token decode once the KV cache is long, on the threads exact mode gives it there
+    # (exactness.single_threads); 0: as t(1)
+    t_single_long: float = 0.0
 
     def decode(self, n: int) -> float:
         """t(n): measured, interpolated linearly between measured sizes, extrapolated from the last two."""
@@ -141,11 +144,12 @@ def expected_tokens(rank_acc, paths: Sequence[Sequence[int]]) -> float:
 
 
 def plan(rank_acc, costs: Costs, max_nodes: int, max_depth: Optional[int] = None, margin: float = 0.03,
-         max_leaves: Optional[int] = None) -> Plan:
+         max_leaves: Optional[int] = None, long_context: bool = False) -> Plan:
     """The prefix of ``grow_tree``'s order (at most ``max_nodes`` nodes with the root and
     ``max_leaves`` leaves) with the most expected tokens per second, or no tree when none beats
-    plain decoding by ``margin``."""
-    plain_s = costs.decode(1) + costs.t_host_plain
+    plain decoding by ``margin``. ``long_context``: plain decoding costs ``t_single_long``."""
+    t1 = costs.t_single_long if long_context and costs.t_single_long > 0 else costs.decode(1)
+    plain_s = t1 + costs.t_host_plain
     order = grow_tree(rank_acc, max(1, max_nodes), max_depth, max_leaves=max_leaves)
     table = [(1, 1.0, plain_s, 1.0)]
     best = (1.0, 0, 1.0)  # (speedup, n paths, E)
@@ -196,12 +200,18 @@ class LiveAcceptance:
 
 # -- measurement --------------------------------------------------------------------------------
 def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past: int = 256, time_budget: float = 4.0,
-                  tolerance: float = 0.03, min_rounds: int = 5, max_rounds: int = 40) -> Costs:
+                  tolerance: float = 0.03, min_rounds: int = 5, max_rounds: int = 40,
+                  n_threads: Optional[int] = None, n_threads_long: Optional[int] = None) -> Costs:
     """Time verification forwards of B tokens (a chain: the cost depends on B, little on the
     mask) after ``n_past`` cached tokens, in interleaved rounds (every B once per round, so drift
     hits all alike). Rounds continue until the 95% interval of every median is within
     ``tolerance`` of it, or ``time_budget`` seconds. Sizes stop growing once the cost is linear
-    (t(B) >= 0.95 B t(1) twice): no larger tree can pay. Leaves the context empty."""
+    (t(B) >= 0.95 B t(1) twice): no larger tree can pay. Every size runs on ``n_threads``; when
+    ``n_threads_long`` differs, a one-token decode on that many threads is timed in the same
+    rounds (``t_single_long``). Leaves the context empty, its threads at ``n_threads``."""
+    threads = n_threads or ctx.n_threads_batch
+    long_threads = n_threads_long if n_threads_long and n_threads_long != threads else None
+    ctx.set_threads(threads, threads)
     tok = model.bos if model.bos >= 0 else 0
     n_past = max(0, min(n_past, ctx.n_ctx - max_batch - 1))
     sizes = [b for b in BATCHES if b <= min(max_batch, ctx.n_batch, ctx.n_ctx - n_past - 1)] or [1]
@@ -218,6 +228,13 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
         ctx.argmax(1)  # waits for the device
         return time.perf_counter() - t0
 
+    def once_long() -> float:
+        ctx.set_threads(long_threads, threads)
+        try:
+            return once(1)
+        finally:
+            ctx.set_threads(threads, threads)
+
     for b in sizes:  # warm-up, and the linear cut-off
         once(b)
     t1 = min(once(1) for _ in range(3))
@@ -232,13 +249,17 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
             linear = 0
     sizes = kept
     samples = {b: [] for b in sizes}
+    keys = list(sizes) + (["long"] if long_threads else [])
+    samples["long"] = []
+    if long_threads:
+        once_long()  # warm-up
     t_start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds:
-        for b in sizes:
-            samples[b].append(once(b))
+        for b in keys:
+            samples[b].append(once_long() if b == "long" else once(b))
         rounds += 1
-        if rounds >= min_rounds and (all(_spread(samples[b]) <= tolerance for b in sizes)
+        if rounds >= min_rounds and (all(_spread(samples[b]) <= tolerance for b in keys)
                                      or time.perf_counter() - t_start > time_budget):
             break
     t_heads = [0.0]
@@ -253,7 +274,8 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
     ctx.truncate(0)
     return Costs(batch=sizes, t_decode=[statistics.median(samples[b]) for b in sizes],
                  spread=[round(_spread(samples[b]), 4) for b in sizes], t_heads=t_heads,
-                 t_host=HOST_TREE_S, t_host_plain=HOST_PLAIN_S, rounds=rounds)
+                 t_host=HOST_TREE_S, t_host_plain=HOST_PLAIN_S, rounds=rounds,
+                 t_single_long=statistics.median(samples["long"]) if long_threads else 0.0)
 
 
 #: Host seconds per step beside decode and heads ("other" in `medusa-edge bench`: 0.16 to 0.57 ms
@@ -298,7 +320,7 @@ def cache_key(exactness_key: str, heads_path: Optional[str], max_batch: int, n_c
     if heads_path:
         st = os.stat(heads_path)
         hid = f"{os.path.abspath(heads_path)}:{st.st_size}:{int(st.st_mtime)}"
-    return hashlib.sha256(f"costs=1|{exactness_key}|{hid}|{max_batch}|{n_ctx}".encode()).hexdigest()
+    return hashlib.sha256(f"costs=2|{exactness_key}|{hid}|{max_batch}|{n_ctx}".encode()).hexdigest()
 
 
 def cached_costs(key: str, measure) -> tuple[Costs, bool]:

@@ -16,6 +16,7 @@ import os
 import sys
 
 from . import tune
+from .exactness import SPLIT_FREE_CELLS
 
 
 def main(argv=None) -> int:
@@ -64,16 +65,30 @@ def main(argv=None) -> int:
     for n, ex, s, sp in p.table:
         mark = "  <- chosen" if n == p.n_nodes else ""
         print(f"  {n:4d}  {ex:14.2f}  {s * 1e3:7.2f}  {sp:6.2f}x{mark}")
-    if p.paths:
-        print(f"\nchosen tree: {p.n_nodes} nodes {p.paths}\nexpected {p.expected_tokens_per_step:.2f} tokens/step, "
-              f"{p.expected_speedup:.2f}x plain decoding (an estimate; `medusa-edge bench` measures)")
+    def chosen(p, where: str) -> None:
+        if p.paths:
+            print(f"\nchosen tree{where}: {p.n_nodes} nodes {p.paths}\nexpected {p.expected_tokens_per_step:.2f} tokens/step, "
+                  f"{p.expected_speedup:.2f}x plain decoding (an estimate; `medusa-edge bench` measures)")
+        else:
+            print(f"\nchosen{where}: no tree (plain decoding): no tree is expected to beat it by 3% on this device")
+
+    pl = e.plan_long
+    if pl is p:
+        chosen(p, "")
     else:
-        print("\nchosen: no tree (plain decoding): no tree is expected to beat it by 3% on this device")
+        chosen(p, f" while the KV cache holds up to {SPLIT_FREE_CELLS} cells")
+        print(f"\npast {SPLIT_FREE_CELLS} cells exact mode decodes single tokens on {e.n_threads_long} thread(s), "
+              f"t(1) = {c.t_single_long * 1e3:.2f} ms:")
+        for n, ex, s, sp in pl.table:
+            mark = "  <- chosen" if n == pl.n_nodes else ""
+            print(f"  {n:4d}  {ex:14.2f}  {s * 1e3:7.2f}  {sp:6.2f}x{mark}")
+        chosen(pl, " past that")
     if args.json:
         from dataclasses import asdict
 
         with open(args.json, "w") as f:
-            json.dump({"costs": asdict(c), "plan": asdict(p), "accuracy": acc.tolist(), "accuracy_source": src}, f, indent=1)
+            json.dump({"costs": asdict(c), "plan": asdict(p), "plan_long": asdict(pl), "accuracy": acc.tolist(),
+                       "accuracy_source": src}, f, indent=1)
     return 0
 
 

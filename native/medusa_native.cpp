@@ -223,13 +223,15 @@ struct Context {
     int32_t row_base = 0;   // batch index of output row 0 (llama_get_*_ith take batch indices)
     bool embeddings_on = false;
     std::vector<float> scratch;
+    int type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;  // of the KV cache
 
     // flash_attn: 1 on, 0 off, -1 llama.cpp's AUTO (on where the device supports it).
     // n_ubatch: llama.cpp splits every decode into micro-batches of at most this many tokens
     // (<= 0: n_batch); the exact mode keeps it inside the batch-invariant region.
     // n_threads serves one-token decodes, n_threads_batch (<= 0: n_threads) every larger batch.
+    // type_k/type_v: ggml types of the KV cache (< 0: F16, or F32 with f32_kv), as llama-cpp-python's.
     Context(std::shared_ptr<Model> model_, int n_ctx_, int n_batch_, int n_threads, int n_seq_max_,
-            bool f32_kv, int flash_attn_, int n_ubatch_, int n_threads_batch)
+            bool f32_kv, int flash_attn_, int n_ubatch_, int n_threads_batch, int type_k = -1, int type_v = -1)
         : model(std::move(model_)) {
         if (llama_model_is_recurrent(model->model) || llama_model_is_hybrid(model->model))
             throw std::invalid_argument("model " + model->path +
@@ -255,6 +257,11 @@ struct Context {
             p.type_k = GGML_TYPE_F32;
             p.type_v = GGML_TYPE_F32;
         }
+        for (int t : {type_k, type_v})
+            if (t >= GGML_TYPE_COUNT || (t >= 0 && ggml_type_size((ggml_type)t) == 0))
+                throw std::invalid_argument("KV cache type " + std::to_string(t) + " is not a ggml type");
+        if (type_k >= 0) p.type_k = (ggml_type)type_k;
+        if (type_v >= 0) p.type_v = (ggml_type)type_v;
         p.abort_callback = abort_requested;
         p.abort_callback_data = nullptr;
         clear_last_error();
@@ -264,6 +271,8 @@ struct Context {
         }
         ctx = llama_init_from_model(model->model, p);
         if (!ctx) throw std::runtime_error("cannot create a llama.cpp context" + last_error());
+        this->type_k = (int)p.type_k;
+        this->type_v = (int)p.type_v;
         {
             std::lock_guard<std::mutex> lock(g_log_mutex);
             flash_attn = flash_attn_ > 0 || (flash_attn_ < 0 && !g_fa_auto_disabled);
@@ -282,6 +291,13 @@ struct Context {
     Context &operator=(const Context &) = delete;
 
     llama_memory_t mem() const { return llama_get_memory(ctx); }
+
+    // Threads for one-token decodes and for larger batches from the next decode on (the caller
+    // picks them per decode; llama_set_n_threads only stores the two numbers).
+    void set_threads(int n_threads, int n_threads_batch) {
+        if (n_threads < 1 || n_threads_batch < 1) throw std::invalid_argument("thread counts must be at least 1");
+        llama_set_n_threads(ctx, n_threads, n_threads_batch);
+    }
 
     void set_embeddings(bool on) {
         if (on != embeddings_on) {
@@ -438,6 +454,13 @@ struct Context {
             o(r) = (int32_t)(std::max_element(l, l + n_vocab) - l);
         }
         return out;
+    }
+
+    // argmax of one row's logits (lowest id wins ties): greedy acceptance reads only the rows it walks.
+    int32_t argmax_row(int32_t row) const {
+        const int32_t n_vocab = llama_vocab_n_tokens(model->vocab);
+        const float *l = row_logits(row);
+        return (int32_t)(std::max_element(l, l + n_vocab) - l);
     }
 
     py::array_t<float> logits(int32_t row) const {
@@ -1154,21 +1177,32 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_leaves", &TreeShape::n_leaves);
 
     py::class_<Context>(m, "Context")
-        .def(py::init<std::shared_ptr<Model>, int, int, int, int, bool, int, int, int>(), py::arg("model"), py::arg("n_ctx"),
-             py::arg("n_batch"), py::arg("n_threads"), py::arg("n_seq_max"), py::arg("f32_kv") = false,
-             py::arg("flash_attn") = -1, py::arg("n_ubatch") = 0, py::arg("n_threads_batch") = 0)
+        .def(py::init<std::shared_ptr<Model>, int, int, int, int, bool, int, int, int, int, int>(), py::arg("model"),
+             py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_seq_max"), py::arg("f32_kv") = false,
+             py::arg("flash_attn") = -1, py::arg("n_ubatch") = 0, py::arg("n_threads_batch") = 0, py::arg("type_k") = -1,
+             py::arg("type_v") = -1)
+        .def_property_readonly("type_k", [](const Context &c) { return c.type_k; })
+        .def_property_readonly("type_v", [](const Context &c) { return c.type_v; })
+        .def("synchronize", [](Context &c) {
+            py::gil_scoped_release release;
+            llama_synchronize(c.ctx);
+        })
         .def_property_readonly("n_ubatch", [](const Context &c) { return (int)llama_n_ubatch(c.ctx); })
         .def_readonly("n_ctx", &Context::n_ctx)
         .def_readonly("flash_attn", &Context::flash_attn)
         .def_readonly("epoch", &Context::epoch)
         .def_readonly("n_batch", &Context::n_batch)
         .def_readonly("n_seq_max", &Context::n_seq_max)
+        .def_property_readonly("n_threads", [](const Context &c) { return (int)llama_n_threads(c.ctx); })
+        .def_property_readonly("n_threads_batch", [](const Context &c) { return (int)llama_n_threads_batch(c.ctx); })
+        .def("set_threads", &Context::set_threads, py::arg("n_threads"), py::arg("n_threads_batch"))
         .def("prefill", &Context::prefill, py::arg("tokens"), py::arg("n_past"), py::arg("hidden") = true)
         .def("decode_tree", &Context::decode_tree, py::arg("tree"), py::arg("tokens"), py::arg("n_past"))
         .def("commit", &Context::commit, py::arg("tree"), py::arg("path"), py::arg("n_past"))
         .def("truncate", &Context::truncate, py::arg("pos"))
         .def("cache_pos_max", &Context::cache_pos_max, py::arg("seq"))
         .def("argmax", &Context::argmax, py::arg("n_rows"))
+        .def("argmax_row", &Context::argmax_row, py::arg("row"))
         .def("logits", &Context::logits, py::arg("row"))
         .def("hidden", &Context::hidden, py::arg("row"))
         .def("perf", [](const Context &c) {

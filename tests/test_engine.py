@@ -66,7 +66,7 @@ def test_tree_logits_equal_sequential_paths(models):
     seq = Engine(models["f32"].path, tree="chain:0", **kw)
     prompt = e.model.tokenize("the water is very old and", True, False)
     rng = np.random.default_rng(0)
-    tree, shape = e._shape(e.tree.max_depth, 64)
+    tree, shape = e._shape(False, e.tree.max_depth, 64)
     tokens = rng.integers(3, e.model.n_vocab, size=tree.n_nodes).astype(np.int32)
     e.ctx.truncate(0)
     e.ctx.prefill(prompt, 0)

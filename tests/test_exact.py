@@ -127,7 +127,7 @@ def _tree_rows_vs_paths(path, flash_attn, exact, n_nodes=63):
     seq = Engine(path, tree="chain:0", n_ctx=256, flash_attn=flash_attn, exact=exact)
     rng = np.random.default_rng(2)
     prompt = e.model.tokenize("the water is very old and", True, False)
-    tree, shape = e._shape(e.tree.max_depth, n_nodes)
+    tree, shape = e._shape(False, e.tree.max_depth, n_nodes)
     tokens = rng.integers(3, e.model.n_vocab, size=tree.n_nodes).astype(np.int32)
     e.ctx.truncate(0)
     e.ctx.prefill(prompt, 0, False)
@@ -137,7 +137,7 @@ def _tree_rows_vs_paths(path, flash_attn, exact, n_nodes=63):
         seq.ctx.truncate(0)
         seq.ctx.prefill(prompt, 0, False)
         for i, j in enumerate(tree.path_to(node)):
-            seq.ctx.decode_tree(seq._shape(0, 1)[1], tokens[j : j + 1], len(prompt) + i)
+            seq.ctx.decode_tree(seq._shape(False, 0, 1)[1], tokens[j : j + 1], len(prompt) + i)
         worst = max(worst, float(np.abs(e.ctx.logits(node) - seq.ctx.logits(0)).max()))
     return worst
 
@@ -178,7 +178,7 @@ def test_long_context_identical_and_single_thread_split_matters(quant_models, mo
     path = quant_models["Q8_0"]
     plain = Engine(path, tree="chain:0", n_ctx=1024, n_threads=2)
     med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=1024, n_threads=2)
-    assert plain.n_threads == 1 and plain.n_threads_batch == 2
+    assert plain.n_threads_long == 1 and plain.n_threads == plain.n_threads_batch == 2
     rng = np.random.default_rng(7)
     ids = [1] + [int(t) for t in rng.integers(3, plain.model.n_vocab, 300)]
     ref = run(plain, ids, GREEDY, N_TOKENS)
@@ -187,5 +187,114 @@ def test_long_context_identical_and_single_thread_split_matters(quant_models, mo
     assert st.tokens_per_step > 2.0
     m = load_model(path)
     assert probe(m, n_threads=2, flash_attn=1, f32_kv=False)[0] == 63
-    monkeypatch.setattr(exactness, "single_threads", lambda n: n)
+    monkeypatch.setattr(exactness, "single_threads", lambda n, cells, split=True: n)
     assert probe(m, n_threads=2, flash_attn=1, f32_kv=False)[0] < 63
+
+
+def test_split_boundary_all_threads_up_to_256_cells(quant_models):
+    """Where exactness.single_threads draws its line: a two-thread one-token decode equals its row
+    of a batch bit for bit while the KV cache holds at most 256 cells; at 257 cells it differs
+    (ggml-cpu's split-KV attention), and a one-thread decode there still equals the row."""
+    from medusa_edge._loader import native
+    from medusa_edge.exactness import SPLIT_FREE_CELLS, single_threads
+    from medusa_edge.hwguard import load_model
+
+    assert single_threads(2, SPLIT_FREE_CELLS) == 2 and single_threads(2, SPLIT_FREE_CELLS + 1) == 1
+    m = load_model(quant_models["Q8_0"])
+    ctx = native.Context(m, 1024, 64, 2, 1, False, 1, 0, 2)
+    rng = np.random.default_rng(4)
+    n0 = SPLIT_FREE_CELLS - 2
+    ctx.prefill([int(t) for t in rng.integers(3, m.n_vocab, n0)], 0, False)
+    chain = rng.integers(3, m.n_vocab, 3).astype(np.int32)  # cells after each: 255, 256, 257
+    ctx.decode_tree(native.TreeShape([0, 1, 2], [[0]] * 3), chain, n0)
+    rows = [ctx.logits(r) for r in range(3)]
+    one = native.TreeShape([0], [[0]])
+    ctx.truncate(n0)
+    ctx.set_threads(2, 2)
+    single = []
+    for i in range(3):
+        ctx.decode_tree(one, chain[i : i + 1], n0 + i)
+        single.append(ctx.logits(0))
+    assert np.array_equal(single[0], rows[0]) and np.array_equal(single[1], rows[1])
+    assert not np.array_equal(single[2], rows[2])
+    ctx.truncate(n0 + 2)
+    ctx.set_threads(1, 2)
+    ctx.decode_tree(one, chain[2:3], n0 + 2)
+    assert np.array_equal(ctx.logits(0), rows[2])
+
+
+def test_generation_across_the_split_identical(quant_models):
+    """An answer that starts below 256 KV cells (one-token decodes on both threads) and ends past
+    them (one thread) equals llama-cpp-python's with one-token decodes on one thread, plainly and
+    with a branching tree; the context's threads follow the cache."""
+    path = quant_models["Q8_0"]
+    plain = Engine(path, tree="chain:0", n_ctx=1024, n_threads=2)
+    med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=1024, n_threads=2)
+    base = llama_cpp_baseline(plain, n_ctx=1024)
+    rng = np.random.default_rng(11)
+    ids = [1] + [int(t) for t in rng.integers(3, plain.model.n_vocab, 40)]
+    run(plain, ids, GREEDY, 8)
+    assert plain.ctx.n_threads == 2
+    ids = [1] + [int(t) for t in rng.integers(3, plain.model.n_vocab, 200)]
+    ref = run(plain, ids, GREEDY, N_TOKENS)
+    assert plain.ctx.n_threads == 1
+    lcp = []
+    for t in base.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
+        lcp.append(int(t))
+        if len(lcp) == N_TOKENS or plain.model.is_eog(t):
+            break
+    assert lcp == ref, f"plain decoding differs from llama-cpp-python at {first_divergence(lcp, ref)}"
+    st = Stats()
+    assert run(med, ids, GREEDY, N_TOKENS, proposer=truth_proposer(ref, rng, 0.9, 2), stats=st) == ref
+    assert st.tokens_per_step > 2.0
+
+
+def test_quantized_kv_cache_all_threads_and_identical(quant_models):
+    """A Q8_0 KV cache (type_k/type_v, as llama-cpp-python takes them) never takes ggml-cpu's
+    split-KV path, so one-token decodes keep all threads past 256 cells; the answer still equals
+    llama-cpp-python's with the same cache types, plainly and with a branching tree. A quantized V
+    cache without flash attention, or a type that is no ggml type, is one clear error."""
+    from medusa_edge import ModelLoadError
+
+    path, q8 = quant_models["Q8_0"], 8
+    plain = Engine(path, tree="chain:0", n_ctx=1024, n_threads=2, type_k=q8, type_v=q8)
+    med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=1024, n_threads=2,
+                 type_k=q8, type_v=q8)
+    assert plain.ctx.type_k == plain.ctx.type_v == q8 and plain.n_threads_long == 2 and med.exact_batch >= 32
+    rng = np.random.default_rng(12)
+    ids = [1] + [int(t) for t in rng.integers(3, plain.model.n_vocab, 200)]
+    ref = run(plain, ids, GREEDY, N_TOKENS)
+    assert plain.ctx.n_threads == 2
+    base = llama_cpp_baseline(plain, n_ctx=1024)
+    lcp = []
+    for t in base.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
+        lcp.append(int(t))
+        if len(lcp) == N_TOKENS or plain.model.is_eog(t):
+            break
+    assert lcp == ref, f"plain decoding differs from llama-cpp-python at {first_divergence(lcp, ref)}"
+    assert run(med, ids, GREEDY, N_TOKENS, proposer=truth_proposer(ref, rng, 0.9, 2)) == ref
+    with pytest.raises(ModelLoadError, match="flash_attn"):
+        Engine(path, tree="chain:0", n_ctx=256, n_threads=2, type_k=q8, type_v=q8, flash_attn=False)
+    with pytest.raises(ModelLoadError, match="not a ggml type"):
+        Engine(path, tree="chain:0", n_ctx=256, n_threads=2, type_k=99)
+
+
+def test_tree_per_regime_follows_the_cache(quant_models):
+    """use_trees(short, long): steps while the KV cache is short use the first tree (here none),
+    steps past 256 cells the second; the answer still equals plain decoding's. A tree with more
+    leaves than the context has sequences is refused."""
+    from medusa_edge import TreeError
+
+    path = quant_models["Q8_0"]
+    plain = Engine(path, tree="chain:0", n_ctx=1024, n_threads=2)
+    e = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="chain:3", n_ctx=1024, n_threads=2)
+    e.use_trees("chain:0", "chain:3")
+    rng = np.random.default_rng(13)
+    ids = [1] + [int(t) for t in rng.integers(3, plain.model.n_vocab, 200)]
+    ref = run(plain, ids, GREEDY, N_TOKENS)
+    st = Stats()
+    assert run(e, ids, GREEDY, N_TOKENS, proposer=truth_proposer(ref, rng, 1.0, 0), stats=st) == ref
+    short_steps = 256 - len(ids)  # one token each until the cache holds 256 cells
+    assert st.accepted_hist[0] >= short_steps and st.accepted_hist[3] > 10
+    with pytest.raises(TreeError):
+        e.use_trees("mc_sim_7b_63")

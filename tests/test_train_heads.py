@@ -37,7 +37,9 @@ def _write_jsonl(path, prompts, key="prompt"):
 
 def _args(base, data, out, *extra):
     return th.parse_args([
+        # the reference's layout and rate (own output matrices, lr 1e-3), which these tests were sized for
         base, "--data", data, "-o", out, "--heads", str(N_HEADS), "--gen-tokens", str(GEN), "--batch", "256",
+        "--no-shared-output", "--lr", "1e-3",
         "--threads", "1", "--device", "cpu", "--quiet", "--measure", "0", "--val-frac", "0.2", *extra,
     ])
 

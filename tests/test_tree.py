@@ -96,6 +96,20 @@ def test_accept_greedy_by_hand():
     assert accept_greedy(t, toks, argmax) == [0]
 
 
+def test_accept_greedy_lazy_reads_only_the_path():
+    """With a function for the argmax, acceptance asks for the rows on the accepted path and no
+    other, and finds the same path as with every row read, on random trees and tokens."""
+    rng = np.random.default_rng(0)
+    tree = Tree.from_paths(PRESETS["mc_sim_7b_63"])
+    for _ in range(200):
+        toks = rng.integers(0, 4, tree.n_nodes)
+        full = rng.integers(0, 4, tree.n_nodes)
+        asked = []
+        path = accept_greedy(tree, toks, lambda n: asked.append(n) or full[n])
+        assert path == accept_greedy(tree, toks, full)
+        assert asked == path
+
+
 def test_accept_typical_by_hand():
     t = Tree.from_paths([[0], [1], [1, 0]])
     toks = np.array([0, 1, 2, 3])
