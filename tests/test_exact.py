@@ -3,6 +3,7 @@ decoding, token for token; the verify batch computes every row bit for bit as a 
 
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -42,6 +43,16 @@ def run(engine, ids, params, n, proposer=None, stats=None):
     return out
 
 
+def llama_cpp_greedy(base, model, ids, n):
+    """llama-cpp-python's greedy continuation of ``ids``: at most ``n`` tokens, up to end of generation."""
+    out = []
+    for t in base.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(t))
+        if len(out) == n or model.is_eog(t):
+            break
+    return out
+
+
 def truth_proposer(truth, rng, p_right, max_rank):
     """Head d's rank-r guess (r drawn from 0..max_rank) is the true future token with probability
     p_right; other ranks hold wrong tokens. Accepted nodes then sit off the tree's first chain."""
@@ -78,11 +89,7 @@ def test_greedy_identical_to_plain_decoding(quant_models, quant, tree, capsys):
     for text in prompts(N_PROMPTS):
         ids = plain.model.tokenize(text, True, False)
         ref = run(plain, ids, GREEDY, N_TOKENS)
-        lcp = []
-        for t in base.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
-            lcp.append(t)
-            if len(lcp) == N_TOKENS or plain.model.is_eog(t):
-                break
+        lcp = llama_cpp_greedy(base, plain.model, ids, N_TOKENS)
         assert lcp == ref, f"plain decoding differs from llama-cpp-python at {first_divergence(lcp, ref)}"
         for p_right, st in ((0.9, often), (0.1, rarely)):
             got = run(med, ids, GREEDY, N_TOKENS, proposer=truth_proposer(ref, rng, p_right, 2), stats=st)
@@ -238,11 +245,7 @@ def test_generation_across_the_split_identical(quant_models):
     ids = [1] + [int(t) for t in rng.integers(3, plain.model.n_vocab, 200)]
     ref = run(plain, ids, GREEDY, N_TOKENS)
     assert plain.ctx.n_threads == 1
-    lcp = []
-    for t in base.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
-        lcp.append(int(t))
-        if len(lcp) == N_TOKENS or plain.model.is_eog(t):
-            break
+    lcp = llama_cpp_greedy(base, plain.model, ids, N_TOKENS)
     assert lcp == ref, f"plain decoding differs from llama-cpp-python at {first_divergence(lcp, ref)}"
     st = Stats()
     assert run(med, ids, GREEDY, N_TOKENS, proposer=truth_proposer(ref, rng, 0.9, 2), stats=st) == ref
@@ -266,11 +269,7 @@ def test_quantized_kv_cache_all_threads_and_identical(quant_models):
     ref = run(plain, ids, GREEDY, N_TOKENS)
     assert plain.ctx.n_threads == 2
     base = llama_cpp_baseline(plain, n_ctx=1024)
-    lcp = []
-    for t in base.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
-        lcp.append(int(t))
-        if len(lcp) == N_TOKENS or plain.model.is_eog(t):
-            break
+    lcp = llama_cpp_greedy(base, plain.model, ids, N_TOKENS)
     assert lcp == ref, f"plain decoding differs from llama-cpp-python at {first_divergence(lcp, ref)}"
     assert run(med, ids, GREEDY, N_TOKENS, proposer=truth_proposer(ref, rng, 0.9, 2)) == ref
     with pytest.raises(ModelLoadError, match="flash_attn"):
@@ -298,3 +297,28 @@ def test_tree_per_regime_follows_the_cache(quant_models):
     assert st.accepted_hist[0] >= short_steps and st.accepted_hist[3] > 10
     with pytest.raises(TreeError):
         e.use_trees("mc_sim_7b_63")
+
+
+def test_first_token_logits_bit_identical_with_heads_at_step_one(quant_models):
+    """Exact prefill decodes the last prompt token alone with embeddings on, so the heads propose
+    at the very first step; the logits that chose the first token are still bit for bit
+    llama-cpp-python's after its own prompt evaluation."""
+    path = quant_models["Q8_0"]
+    e = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="chain:3", n_ctx=512, n_threads=2)
+    base = llama_cpp_baseline(e, n_ctx=512)
+    rng = np.random.default_rng(14)
+    for n in (5, 70, 130):
+        ids = [1] + [int(t) for t in rng.integers(3, e.model.n_vocab, n)]
+        calls, logits = [], []
+
+        def propose(generated, n_heads, k):
+            calls.append(len(generated))
+            return np.full((n_heads, k), 3, np.int32)
+
+        for _ in e.generate(ids, GREEDY, 4, proposer=propose, logits_out=logits, reuse_prefix=False):
+            pass
+        base.reset()
+        base.eval(ids)  # its prompt evaluation keeps only the last row's logits, in llama.cpp
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(base.ctx, -1), shape=(e.model.n_vocab,))
+        assert np.array_equal(logits[0], last)
+        assert calls and calls[0] == 1  # a tree at the first step, proposed from the prefill's hidden state
