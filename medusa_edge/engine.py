@@ -197,10 +197,6 @@ class Engine:
         self.n_threads = self.n_threads_batch = n_threads
         tk = -1 if type_k is None else int(type_k)
         tv = -1 if type_v is None else int(type_v)
-        split = exactness.kv_may_split(tk if tk >= 0 else (0 if f32_kv else 1), tv if tv >= 0 else (0 if f32_kv else 1))
-        self.n_threads_long = exactness.single_threads(n_threads, exactness.SPLIT_FREE_CELLS + 1, split) \
-            if self.exact and not on_gpu else n_threads
-        self._n_threads_single = self.n_threads_long  # what the context has now
         if self.exact:
             try:  # the probe makes the first contexts: bad settings (a KV type, ...) fail here
                 self.exact_batch, _ = exactness.exact_batch(self.model, model_path, n_threads=n_threads, flash_attn=fa,
@@ -223,10 +219,14 @@ class Engine:
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
         n_seq = max(1, self.max_auto_leaves if self.auto else self.tree.n_leaves)
         try:
-            self.ctx = native.Context(self.model, n_ctx, n_batch, self._n_threads_single, n_seq, f32_kv, fa,
+            self.ctx = native.Context(self.model, n_ctx, n_batch, n_threads, n_seq, f32_kv, fa,
                                       n_ubatch, self.n_threads_batch, tk, tv)
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
+        split = exactness.kv_may_split(self.ctx.type_k, self.ctx.type_v)
+        self.n_threads_long = exactness.single_threads(n_threads, exactness.SPLIT_FREE_CELLS + 1, split) \
+            if self.exact and not on_gpu else n_threads
+        self._n_threads_single = n_threads  # what the context has now (see _threads_for)
         self.flash_attn = bool(self.ctx.flash_attn)
         if self.exact and self.exact_batch < 2 and self.tree.n_nodes > 1:
             print(f"medusa-edge: on this device no batch of {self.model.description()} computes its rows bit for bit as "

@@ -61,10 +61,13 @@ def main(argv=None) -> int:
     src = "the heads file (measured at training)" if e.heads_info.get("rank_accuracy") else "a Vicuna-7B-like prior"
     acc = e.live.estimate()
     print(f"accuracies from {src}; top-1 per head: " + " ".join(f"{a:.2f}" for a in acc[:, 0]))
+    def table(plan) -> None:
+        for n, ex, s, sp in plan.table:
+            mark = "  <- chosen" if n == plan.n_nodes else ""
+            print(f"  {n:4d}  {ex:14.2f}  {s * 1e3:7.2f}  {sp:6.2f}x{mark}")
+
     print("\n nodes  E[tokens/step]  ms/step  expected speed-up")
-    for n, ex, s, sp in p.table:
-        mark = "  <- chosen" if n == p.n_nodes else ""
-        print(f"  {n:4d}  {ex:14.2f}  {s * 1e3:7.2f}  {sp:6.2f}x{mark}")
+    table(p)
     def chosen(p, where: str) -> None:
         if p.paths:
             print(f"\nchosen tree{where}: {p.n_nodes} nodes {p.paths}\nexpected {p.expected_tokens_per_step:.2f} tokens/step, "
@@ -79,9 +82,7 @@ def main(argv=None) -> int:
         chosen(p, f" while the KV cache holds up to {SPLIT_FREE_CELLS} cells")
         print(f"\npast {SPLIT_FREE_CELLS} cells exact mode decodes single tokens on {e.n_threads_long} thread(s), "
               f"t(1) = {c.t_single_long * 1e3:.2f} ms:")
-        for n, ex, s, sp in pl.table:
-            mark = "  <- chosen" if n == pl.n_nodes else ""
-            print(f"  {n:4d}  {ex:14.2f}  {s * 1e3:7.2f}  {sp:6.2f}x{mark}")
+        table(pl)
         chosen(pl, " past that")
     if args.json:
         from dataclasses import asdict

@@ -257,9 +257,13 @@ struct Context {
             p.type_k = GGML_TYPE_F32;
             p.type_v = GGML_TYPE_F32;
         }
+        // the types llama.cpp's own CLI offers for the cache (-ctk/-ctv); others reach ops it may abort on
+        static const int kv_types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
+                                       GGML_TYPE_Q4_1, GGML_TYPE_IQ4_NL, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1};
         for (int t : {type_k, type_v})
-            if (t >= GGML_TYPE_COUNT || (t >= 0 && ggml_type_size((ggml_type)t) == 0))
-                throw std::invalid_argument("KV cache type " + std::to_string(t) + " is not a ggml type");
+            if (t >= 0 && std::find(std::begin(kv_types), std::end(kv_types), t) == std::end(kv_types))
+                throw std::invalid_argument("KV cache type " + std::to_string(t) + " is not a ggml type a KV cache can hold "
+                                            "(f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1)");
         if (type_k >= 0) p.type_k = (ggml_type)type_k;
         if (type_v >= 0) p.type_v = (ggml_type)type_v;
         p.abort_callback = abort_requested;
