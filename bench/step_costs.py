@@ -50,9 +50,9 @@ def heads(model_path: str, heads_paths) -> None:
         x = np.random.default_rng(1).standard_normal(h.n_embd).astype(np.float32)
         row = []
         for d in range(1, h.n_heads + 1):
-            h.propose_hidden(x, 10, d)
-            row.append(median_us(lambda: h.propose_hidden(x, 10, d), 9) / 1e3)
-        kind = "shared output" if h.shared_output else "own output matrices"
+            h.propose_hidden(x, 10, d, 0)
+            row.append(median_us(lambda: h.propose_hidden(x, 10, d, 0), 9) / 1e3)
+        kind = ("shared output" if h.shared_output else "own output matrices") + (", root input" if h.root_input else "")
         print(f"{hp.split('/')[-1]} ({kind}, {h.n_heads} heads, n_embd {h.n_embd}, vocab {h.n_vocab}): "
               "ms per pass for 1.." + f"{h.n_heads} heads used: " + " ".join(f"{t:.1f}" for t in row))
 

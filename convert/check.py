@@ -34,7 +34,7 @@ def head_agreement(engine, prompt_tokens: list[int], n_tokens: int) -> tuple[np.
     gen, preds = [], []
     for step in range(n_tokens):
         tok = int(np.asarray(ctx.argmax(1))[0])
-        ids = heads.propose(ctx, 0, 1)[0][:, 0]  # [n_heads] top-1
+        ids = heads.propose(ctx, 0, 1, -1, tok)[0][:, 0]  # [n_heads] top-1 (root-input heads read tok)
         gen.append(tok)
         preds.append(ids)
         if engine.model.is_eog(tok) or step == n_tokens - 1 or n_past + 1 >= engine.n_ctx:

@@ -365,7 +365,7 @@ def main(argv=None) -> int:
         def on_plain(i, run):
             heads_cost = None
             if eng.heads is not None:
-                heads_cost = lambda n, k: eng.heads.propose_hidden(np.zeros(m.n_embd, np.float32), k, n)  # noqa: E731
+                heads_cost = lambda n, k: eng.heads.propose_hidden(np.zeros(m.n_embd, np.float32), k, n, 0)  # noqa: E731
             proposers["current"] = ReplayProposer(run.tokens, prof, m.n_vocab, seed=i, heads_cost=heads_cost)
 
         if replay_eng is not None:

@@ -590,7 +590,8 @@ class Engine:
             if out.shape != (tree.max_depth, k):
                 raise ValueError(f"proposer returned shape {out.shape}, expected {(tree.max_depth, k)}")
             return out
-        ids, _ = self.heads.propose(self.ctx, row, k, tree.max_depth)
+        # the root (the last generated token) is the base's choice at `row`; root-input heads read it
+        ids, _ = self.heads.propose(self.ctx, row, k, tree.max_depth, generated[-1])
         return ids
 
     def _accept(self, tree: Tree, tokens: np.ndarray, sampler, p: SamplingParams) -> tuple[list[int], int]:

@@ -122,6 +122,7 @@ def heads_info(meta: GgufMeta) -> dict:
         "n_embd": meta.get_int(schema.KEY_EMBEDDING_LENGTH, 1, MAX_DIM),
         "n_vocab": meta.get_int(schema.KEY_VOCAB_SIZE, 1, MAX_DIM),
         "shared_output": meta.get_bool(schema.KEY_SHARED_OUTPUT, False),
+        "root_input": meta.get_bool(schema.KEY_ROOT_INPUT, False),
         "tree": meta.get_str(schema.KEY_TREE),
         "rank_accuracy": meta.get_str(schema.KEY_RANK_ACCURACY),
         "base_vocab_hash": meta.get_str(schema.KEY_BASE_VOCAB_HASH),
@@ -138,6 +139,8 @@ def heads_info(meta: GgufMeta) -> dict:
             f"the metadata asks for {needed} tensors ({info['n_heads']} heads, {info['n_layers']} layers"
             f"{', shared output' if info['shared_output'] else ''}) but the file has {len(meta.tensors)}"
         )
+    if info["root_input"] and info["n_layers"] < 1:
+        raise meta.fail(f"{schema.KEY_ROOT_INPUT} is set but the heads have no ResBlock to read the root token")
     if info["tree"] is not None:
         _check_tree(meta, info["tree"], info["n_heads"])
     if info["rank_accuracy"] is not None:

@@ -28,6 +28,7 @@ class HeadsMeta:
     tree: Optional[Sequence[Sequence[int]]]
     base_vocab_hash: str
     rank_accuracy: Optional[Sequence[Sequence[float]]] = None  # [n_heads][k], see schema
+    root_input: bool = False  # the first ResBlock reads [h; e(root)] (schema version 2)
 
 
 def write_heads_gguf(
@@ -67,12 +68,16 @@ def write_heads_gguf(
 
 
 def _add_heads_meta(w, meta: HeadsMeta, head_type: str) -> None:
-    w.add_uint32(schema.KEY_SCHEMA_VERSION, schema.SCHEMA_VERSION)
+    if meta.root_input and meta.n_layers < 1:
+        raise ValueError("root_input heads need at least one ResBlock")
+    w.add_uint32(schema.KEY_SCHEMA_VERSION, 2 if meta.root_input else 1)
     w.add_uint32(schema.KEY_HEAD_COUNT, meta.n_heads)
     w.add_uint32(schema.KEY_BLOCK_COUNT, meta.n_layers)
     w.add_uint32(schema.KEY_EMBEDDING_LENGTH, meta.n_embd)
     w.add_uint32(schema.KEY_VOCAB_SIZE, meta.n_vocab)
     w.add_bool(schema.KEY_SHARED_OUTPUT, meta.shared_output)
+    if meta.root_input:
+        w.add_bool(schema.KEY_ROOT_INPUT, True)
     if meta.tree is not None:
         w.add_string(schema.KEY_TREE, json.dumps([list(map(int, p)) for p in meta.tree]))
     if meta.rank_accuracy is not None:
@@ -205,7 +210,8 @@ def write_heads_gguf_streaming(
 def heads_tensors(
     res: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], out: Optional[Sequence[np.ndarray]]
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Schema names for in-memory heads: res[i][j] = (W [H,H], b [H]); out[i] = W_out [V,H] or None."""
+    """Schema names for in-memory heads: res[i][j] = (W [H,H] or, root input at j = 0, [H,2H], b [H]);
+    out[i] = W_out [V,H] or None."""
     for i, layers in enumerate(res):
         for j, (wt, b) in enumerate(layers):
             yield schema.res_weight(i, j), wt

@@ -11,6 +11,8 @@ Keys (all under ``medusa.`` unless noted):
   embedding_length          u32   hidden size H of the base
   vocab_size                u32   V
   shared_output             bool  true: heads have no W_out and reuse the base lm_head ("version 2")
+  root_input                bool  optional (schema 2), default false: each head's first ResBlock also
+                                  reads the root token's embedding, see below
   tree                      str   JSON list of paths, the default tree for this head set
   rank_accuracy             str   optional: JSON [n_heads][k] floats in [0, 1], the held-out probability
                                   that head i's rank-r guess is the base's token (top-k accuracies are
@@ -20,16 +22,24 @@ Keys (all under ``medusa.`` unless noted):
   base.vocab_hash           str   16 hex digits, FNV-1a 64 over the base's token texts, each NUL-terminated
 
 Tensors (ggml order [ne0, ne1]):
-  medusa.{i}.res.{j}.weight   [H, H]   W_ij   (torch nn.Linear weight [out=H, in=H])
+  medusa.{i}.res.{j}.weight   [H, H]   W_ij   (torch nn.Linear weight [out=H, in=H]);
+                              [2H, H]  for j = 0 when root_input (torch [out=H, in=2H])
   medusa.{i}.res.{j}.bias     [H]      b_ij
   medusa.{i}.output.weight    [H, V]   W_out_i (torch [V, H]); absent when shared_output
+
+Root input (schema version 2, this project's extension of Medusa-1): when a step proposes, the
+root token x (the base's own choice at the position whose hidden state h the heads read) is
+already known. Heads with ``root_input`` read it: the first ResBlock is
+``h + SiLU(W_i0 [h; e(x)] + b_i0)``, where e is the base's token embedding (``token_embd.weight``
+of the model file, as llama.cpp's get_rows reads it). The rest is unchanged. Files without it
+are schema version 1 and load in every version.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this code reads; files without root_input are written as 1
 ARCH = "medusa"
 
 KEY_SCHEMA_VERSION = "medusa.schema_version"
@@ -38,6 +48,7 @@ KEY_BLOCK_COUNT = "medusa.block_count"
 KEY_EMBEDDING_LENGTH = "medusa.embedding_length"
 KEY_VOCAB_SIZE = "medusa.vocab_size"
 KEY_SHARED_OUTPUT = "medusa.shared_output"
+KEY_ROOT_INPUT = "medusa.root_input"
 KEY_TREE = "medusa.tree"
 KEY_RANK_ACCURACY = "medusa.rank_accuracy"
 KEY_BASE_VOCAB_SIZE = "medusa.base.vocab_size"

@@ -171,14 +171,20 @@ class RandomHeads:
     out: list | None  # [head] -> W_out [V,H]
 
 
-def random_heads(n_heads: int, n_layers: int, n_embd: int, n_vocab: int, seed: int = 1, shared_output: bool = False):
-    """Random head weights in torch layout (res[i][j] = (W, b), out[i] = W_out)."""
+def random_heads(n_heads: int, n_layers: int, n_embd: int, n_vocab: int, seed: int = 1, shared_output: bool = False,
+                 root_input: bool = False):
+    """Random head weights in torch layout (res[i][j] = (W, b), out[i] = W_out); with
+    ``root_input`` the first ResBlock's W is [H, 2H]."""
     rng = np.random.default_rng(seed)
+
+    def n_in(j):
+        return 2 * n_embd if root_input and j == 0 else n_embd
+
     res = [
         [
-            ((rng.standard_normal((n_embd, n_embd)) / np.sqrt(n_embd)).astype(np.float32),
+            ((rng.standard_normal((n_embd, n_in(j))) / np.sqrt(n_in(j))).astype(np.float32),
              (rng.standard_normal(n_embd) * 0.1).astype(np.float32))
-            for _ in range(n_layers)
+            for j in range(n_layers)
         ]
         for _ in range(n_heads)
     ]
@@ -191,23 +197,26 @@ def random_heads(n_heads: int, n_layers: int, n_embd: int, n_vocab: int, seed: i
 def write_random_heads(
     path: str, base: TinyLlama, *, n_heads: int = 4, n_layers: int = 1, seed: int = 1, head_type: str = "f32",
     tree=None, shared_output: bool = False, n_embd: int | None = None, n_vocab: int | None = None,
+    root_input: bool = False,
 ) -> RandomHeads:
     """Random heads for ``base``; ``n_embd``/``n_vocab`` override the sizes (to build mismatches)."""
     e = n_embd or base.n_embd
     v = n_vocab or base.n_vocab
-    res, out = random_heads(n_heads, n_layers, e, v, seed, shared_output)
-    meta = HeadsMeta(n_heads, n_layers, e, v, shared_output, tree, schema.vocab_hash(base.tokens))
+    res, out = random_heads(n_heads, n_layers, e, v, seed, shared_output, root_input)
+    meta = HeadsMeta(n_heads, n_layers, e, v, shared_output, tree, schema.vocab_hash(base.tokens), root_input=root_input)
     write_heads_gguf(path, meta, heads_tensors(res, out), head_type)
     return RandomHeads(path, res, out)
 
 
-def heads_reference(h: np.ndarray, res, out, top_k: int):
-    """Numpy reference of the heads: ids [n_heads, k] (best first) and logits [n_heads, V]."""
+def heads_reference(h: np.ndarray, res, out, top_k: int, root_embd: np.ndarray | None = None):
+    """Numpy reference of the heads: ids [n_heads, k] (best first) and logits [n_heads, V].
+    ``root_embd``: the root token's embedding, for root-input heads (first ResBlock reads [h; e])."""
     logits = []
     for i, layers in enumerate(res):
         x = h.astype(np.float64)
-        for wt, b in layers:
-            y = wt.astype(np.float64) @ x + b
+        for j, (wt, b) in enumerate(layers):
+            inp = np.concatenate([x, root_embd]) if root_embd is not None and j == 0 else x
+            y = wt.astype(np.float64) @ inp + b
             x = x + y / (1.0 + np.exp(-y))
         logits.append(out[i].astype(np.float64) @ x)
     logits = np.stack(logits)

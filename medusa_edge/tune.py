@@ -269,8 +269,8 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
         ctx.truncate(0)
         ctx.prefill([tok] * 8, 0, True)  # a row with a hidden state
         for d in range(1, heads.n_heads + 1):
-            heads.propose(ctx, 0, MAX_RANK, d)
-            t_heads.append(statistics.median(_timed(lambda: heads.propose(ctx, 0, MAX_RANK, d)) for _ in range(7)))
+            heads.propose(ctx, 0, MAX_RANK, d, tok)
+            t_heads.append(statistics.median(_timed(lambda: heads.propose(ctx, 0, MAX_RANK, d, tok)) for _ in range(7)))
     ctx.truncate(0)
     return Costs(batch=sizes, t_decode=[statistics.median(samples[b]) for b in sizes],
                  spread=[round(_spread(samples[b]), 4) for b in sizes], t_heads=t_heads,

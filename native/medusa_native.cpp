@@ -743,6 +743,8 @@ struct GgufFile {
 };
 
 // Medusa heads on ggml. head_i(h) = W_out_i (x_L), x_0 = h, x_{j+1} = x_j + SiLU(W_ij x_j + b_ij).
+// With root input (schema 2), the first ResBlock reads the root token's embedding too:
+// x_1 = h + SiLU(W_i0 [h; e(root)] + b_i0), e = the model file's token_embd rows (get_rows).
 //
 // Loading validates the heads file (and, for shared output, the model file's lm_head) completely
 // before any device memory is taken. The weights go to the backend of the model's device; if that
@@ -770,11 +772,12 @@ struct Heads {
     // Bounds on the metadata: far above any real head set, and they keep all size arithmetic in
     // int64 (n_heads * (2 * n_layers + 1) tensors; an [n_embd, n_vocab] matrix must also fit the file).
     static constexpr int64_t kMaxHeads = 256, kMaxLayers = 256, kMaxDim = (int64_t(1) << 24) - 1;
-    static constexpr int64_t kSchemaVersion = 1;  // medusa_edge/schema.py SCHEMA_VERSION
+    static constexpr int64_t kSchemaVersion = 2;  // medusa_edge/schema.py SCHEMA_VERSION
 
     std::string path;
     int32_t n_heads = 0, n_layers = 0, n_embd = 0, n_vocab = 0;
     bool shared_output = false;
+    bool root_input = false;  // the first ResBlock reads [h; e(root)]
     int n_threads = 1;
 
     // What to load (filled once by parse(), then uploaded to a backend, again after a fallback).
@@ -787,6 +790,7 @@ struct Heads {
     std::vector<WeightSpec> specs;
     std::vector<std::vector<int>> w_idx, b_idx;  // [head][layer] -> index into specs / weights
     std::vector<int> out_idx;                    // [head] (all equal when shared)
+    int embd_idx = -1;                           // the model's token_embd (root input only)
 
     ggml_backend_t backend = nullptr;
     bool on_fallback = false;  // the heads run on the CPU because the first backend lacked an op
@@ -801,8 +805,8 @@ struct Heads {
         ggml_context *gctx = nullptr;
         ggml_cgraph *graph = nullptr;
         ggml_gallocr_t galloc = nullptr;
-        ggml_tensor *in_h = nullptr;
-        std::vector<ggml_tensor *> out_ids, out_probs;
+        ggml_tensor *in_h = nullptr, *in_root = nullptr;
+        ggml_tensor *out_ids = nullptr, *out_probs = nullptr;  // [k, n_used] i32, [1, k, n_used] f32
     };
     std::map<std::pair<int32_t, int32_t>, Graph> graphs;
     static constexpr size_t MAX_GRAPHS = 16;  // shapes kept at most (all dropped when full)
@@ -811,8 +815,11 @@ struct Heads {
     ggml_context *gctx = nullptr;
     ggml_cgraph *graph = nullptr;
     ggml_gallocr_t galloc = nullptr;
-    ggml_tensor *in_h = nullptr;
-    std::vector<ggml_tensor *> out_ids, out_probs;
+    ggml_tensor *in_h = nullptr, *in_root = nullptr;
+    ggml_tensor *out_ids = nullptr, *out_probs = nullptr;
+    // Own output matrices of one type are loaded into one [n_embd, n_vocab, n_heads] tensor, so one
+    // batched product computes every head's logits (null otherwise: per-head tensors in `weights`).
+    ggml_tensor *out_stack = nullptr;
 
     Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu) : path(path_) {
         n_threads = std::max(1, n_threads_);
@@ -839,12 +846,12 @@ struct Heads {
             if (galloc) ggml_gallocr_free(galloc);
             if (gctx) ggml_free(gctx);
         }
-        galloc = nullptr, gctx = nullptr, graph = nullptr, in_h = nullptr;
-        out_ids.clear(), out_probs.clear();
+        galloc = nullptr, gctx = nullptr, graph = nullptr, in_h = nullptr, in_root = nullptr;
+        out_ids = out_probs = nullptr;
         graph_k = graph_n = -1;
     }
     void use_graph(const Graph &g, int32_t k, int32_t n) {
-        gctx = g.gctx, graph = g.graph, galloc = g.galloc, in_h = g.in_h;
+        gctx = g.gctx, graph = g.graph, galloc = g.galloc, in_h = g.in_h, in_root = g.in_root;
         out_ids = g.out_ids, out_probs = g.out_probs;
         graph_k = k, graph_n = n;
     }
@@ -852,6 +859,7 @@ struct Heads {
         if (wbuf) ggml_backend_buffer_free(wbuf), wbuf = nullptr;
         if (wctx) ggml_free(wctx), wctx = nullptr;
         weights.clear();
+        out_stack = nullptr;
     }
     void release() {
         release_graph();
@@ -884,6 +892,8 @@ struct Heads {
         n_embd = (int32_t)hf.get_int("medusa.embedding_length", 1, kMaxDim);
         n_vocab = (int32_t)hf.get_int("medusa.vocab_size", 1, kMaxDim);
         shared_output = hf.get_bool("medusa.shared_output", false);
+        root_input = hf.get_bool("medusa.root_input", false);
+        if (root_input && n_layers < 1) hf.fail("medusa.root_input is set but the heads have no ResBlock to read the root token");
         const int64_t needed = (int64_t)n_heads * (2 * n_layers + (shared_output ? 0 : 1));  // <= 256 * 513
         if (needed > gguf_get_n_tensors(hf.g))
             hf.fail("the metadata asks for " + std::to_string(needed) + " tensors (" + std::to_string(n_heads) + " heads, " +
@@ -901,6 +911,8 @@ struct Heads {
             if (matrix ? !matrix_type_ok(m->type) : m->type != GGML_TYPE_F32)
                 src.fail("tensor " + name + " has type " + ggml_type_name(m->type) + ", which the heads cannot use" +
                          (matrix ? "" : " (biases are F32)"));
+            for (size_t i = 0; i < specs.size(); ++i)  // a tied model's token_embd serves twice: load it once
+                if (specs[i].file == src.path && specs[i].name == name) return (int)i;
             specs.push_back({name, src.path, offset, (uint64_t)ggml_nbytes(m), m->type, ne0, ne1});
             return (int)specs.size() - 1;
         };
@@ -910,7 +922,7 @@ struct Heads {
         for (int i = 0; i < n_heads; ++i) {
             for (int j = 0; j < n_layers; ++j) {
                 const std::string p = "medusa." + std::to_string(i) + ".res." + std::to_string(j);
-                w_idx[i].push_back(take(hf, p + ".weight", n_embd, n_embd, true));
+                w_idx[i].push_back(take(hf, p + ".weight", (root_input && j == 0 ? 2 : 1) * (int64_t)n_embd, n_embd, true));
                 b_idx[i].push_back(take(hf, p + ".bias", n_embd, 1, false));
             }
             if (!shared_output) out_idx[i] = take(hf, "medusa." + std::to_string(i) + ".output.weight", n_embd, n_vocab, true);
@@ -925,6 +937,16 @@ struct Heads {
                         " of model file " + model_path + " is [" + std::to_string(m->ne[0]) + ", " + std::to_string(m->ne[1]) + "]");
             const int idx = take(base, name, n_embd, n_vocab, true);
             for (int i = 0; i < n_heads; ++i) out_idx[i] = idx;
+        }
+        if (root_input) {
+            GgufFile base(model_path, "model file");
+            if (gguf_find_tensor(base.g, "token_embd.weight") < 0)
+                hf.fail("its heads read the root token's embedding, but model file " + model_path + " has no token_embd.weight");
+            const ggml_tensor *m = base.tensor("token_embd.weight").first;
+            if (m->ne[0] != n_embd || m->ne[1] != n_vocab)
+                hf.fail("made for a token embedding of [" + std::to_string(n_embd) + ", " + std::to_string(n_vocab) + "], but token_embd.weight of model file " +
+                        model_path + " is [" + std::to_string(m->ne[0]) + ", " + std::to_string(m->ne[1]) + "]");
+            embd_idx = take(base, "token_embd.weight", n_embd, n_vocab, true);
         }
     }
 
@@ -959,13 +981,25 @@ struct Heads {
     // Create the weight tensors on `backend` and read their data from the files.
     void upload() {
         ggml_init_params ip{};
-        ip.mem_size = ggml_tensor_overhead() * specs.size();
+        ip.mem_size = ggml_tensor_overhead() * (specs.size() + 1);
         ip.no_alloc = true;
         wctx = ggml_init(ip);
         if (!wctx) throw std::runtime_error("ggml_init failed");
-        for (const auto &s : specs) {
-            ggml_tensor *t = ggml_new_tensor_2d(wctx, s.type, s.ne0, s.ne1);
-            ggml_set_name(t, s.name.c_str());
+        bool stack = !shared_output && n_heads > 1;
+        for (int i = 1; stack && i < n_heads; ++i) stack = specs[out_idx[i]].type == specs[out_idx[0]].type;
+        std::vector<bool> in_stack(specs.size(), false);
+        if (stack) {
+            out_stack = ggml_new_tensor_3d(wctx, specs[out_idx[0]].type, n_embd, n_vocab, n_heads);
+            ggml_set_name(out_stack, "medusa.output.stacked");
+            for (int i = 0; i < n_heads; ++i) in_stack[out_idx[i]] = true;
+        }
+        for (size_t i = 0; i < specs.size(); ++i) {
+            const auto &s = specs[i];
+            ggml_tensor *t = nullptr;
+            if (!in_stack[i]) {
+                t = ggml_new_tensor_2d(wctx, s.type, s.ne0, s.ne1);
+                ggml_set_name(t, s.name.c_str());
+            }
             weights.push_back(t);
         }
         wbuf = ggml_backend_alloc_ctx_tensors(wctx, backend);
@@ -978,9 +1012,16 @@ struct Heads {
             buf.resize(s.nbytes);
             const bool ok = fseeko(f, (off_t)s.offset, SEEK_SET) == 0 && fread(buf.data(), 1, s.nbytes, f) == s.nbytes;
             fclose(f);
-            if (!ok || ggml_nbytes(weights[i]) != s.nbytes)
-                throw std::invalid_argument("heads file " + s.file + ": truncated while reading " + s.name + " (did the file change?)");
-            ggml_backend_tensor_set(weights[i], buf.data(), 0, s.nbytes);
+            if (weights[i]) {
+                if (!ok || ggml_nbytes(weights[i]) != s.nbytes)
+                    throw std::invalid_argument("heads file " + s.file + ": truncated while reading " + s.name + " (did the file change?)");
+                ggml_backend_tensor_set(weights[i], buf.data(), 0, s.nbytes);
+            } else {  // head h's slice of the stacked output matrices
+                const int h = (int)(std::find(out_idx.begin(), out_idx.end(), (int)i) - out_idx.begin());
+                if (!ok || out_stack->nb[2] != s.nbytes)
+                    throw std::invalid_argument("heads file " + s.file + ": truncated while reading " + s.name + " (did the file change?)");
+                ggml_backend_tensor_set(out_stack, buf.data(), (size_t)h * out_stack->nb[2], s.nbytes);
+            }
         }
     }
 
@@ -1019,9 +1060,10 @@ struct Heads {
         // the fields now describe a cached graph (or nothing): build the new one from scratch
         gctx = nullptr, galloc = nullptr, graph = nullptr;
         ++n_builds;
-        // per head: 5 nodes per ResBlock (reshape of b, mul_mat, add, silu, add), 8 after them, and
-        // up to 3 for the shared product (reshape, concat, view)
-        const size_t n_nodes = (size_t)n_heads * (6 * n_layers + 12) + 16;
+        // per head: 6 nodes per ResBlock at most (reshape of b, mul_mat, add, silu, add; the input
+        // concat with root input) and up to 4 after them (reshape, concat, mul_mat, concat); then
+        // top_k, soft_max, reshape, get_rows, views and reshapes of the batched product
+        const size_t n_nodes = (size_t)n_heads * (6 * n_layers + 12) + 24;
         ggml_init_params ip{};
         ip.mem_size = ggml_tensor_overhead() * n_nodes + ggml_graph_overhead_custom(n_nodes, false);
         ip.no_alloc = true;
@@ -1030,8 +1072,15 @@ struct Heads {
         graph = ggml_new_graph_custom(gctx, n_nodes, false);
         in_h = ggml_new_tensor_1d(gctx, GGML_TYPE_F32, n_embd);
         ggml_set_input(in_h);
-        out_ids.clear();
-        out_probs.clear();
+        ggml_tensor *h_root = nullptr;  // [2 n_embd, 1]: h, then the root token's embedding
+        if (root_input) {
+            in_root = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, 1);
+            ggml_set_input(in_root);
+            ggml_tensor *e = ggml_get_rows(gctx, weights[embd_idx], in_root);  // [n_embd, 1] f32
+            h_root = ggml_concat(gctx, ggml_reshape_2d(gctx, in_h, n_embd, 1), e, 0);
+        } else {
+            in_root = nullptr;
+        }
         // ResBlocks per head; with a shared output matrix, one product of it with all n_used hidden
         // vectors (the matrix is read once, not once per head; each column is computed by the same
         // kernel as a single vector, so the results do not change)
@@ -1039,32 +1088,39 @@ struct Heads {
         for (int i = 0; i < n_used; ++i) {
             ggml_tensor *x = in_h;
             for (int j = 0; j < n_layers; ++j) {
-                ggml_tensor *y = ggml_add(gctx, ggml_mul_mat(gctx, weights[w_idx[i][j]], x), ggml_reshape_1d(gctx, weights[b_idx[i][j]], n_embd));
+                ggml_tensor *in = root_input && j == 0 ? h_root : x;
+                ggml_tensor *y = ggml_add(gctx, ggml_mul_mat(gctx, weights[w_idx[i][j]], in), ggml_reshape_1d(gctx, weights[b_idx[i][j]], n_embd));
                 x = ggml_add(gctx, x, ggml_silu(gctx, y));
             }
             xs.push_back(x);
         }
-        ggml_tensor *all_logits = nullptr;  // [n_vocab, n_used] when shared
-        if (shared_output && n_used > 1) {
-            ggml_tensor *xcat = ggml_reshape_2d(gctx, xs[0], n_embd, 1);
-            for (int i = 1; i < n_used; ++i) xcat = ggml_concat(gctx, xcat, ggml_reshape_2d(gctx, xs[i], n_embd, 1), 1);
-            all_logits = ggml_mul_mat(gctx, weights[out_idx[0]], xcat);
+        // All heads' logits as one [n_vocab, n_used] tensor: with a shared matrix one product with all
+        // hidden vectors (the matrix is read once); with stacked own matrices one batched product
+        // (head i's slice times vector i); else one product per head, side by side. Each logit is the
+        // same dot product, by the same kernel, in every layout (tests compare them bit for bit).
+        ggml_tensor *xcat = ggml_reshape_2d(gctx, xs[0], n_embd, 1);
+        for (int i = 1; i < n_used; ++i) xcat = ggml_concat(gctx, xcat, ggml_reshape_2d(gctx, xs[i], n_embd, 1), 1);
+        ggml_tensor *logits = nullptr;
+        if (shared_output) {
+            logits = ggml_mul_mat(gctx, weights[out_idx[0]], xcat);
+        } else if (out_stack) {
+            ggml_tensor *w = ggml_view_3d(gctx, out_stack, n_embd, n_vocab, n_used, out_stack->nb[1], out_stack->nb[2], 0);
+            logits = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, w, ggml_reshape_3d(gctx, xcat, n_embd, 1, n_used)), n_vocab, n_used);
+        } else {
+            for (int i = 0; i < n_used; ++i) {
+                ggml_tensor *li = ggml_mul_mat(gctx, weights[out_idx[i]], xs[i]);  // [n_vocab, 1]
+                logits = logits ? ggml_concat(gctx, logits, li, 1) : li;
+            }
         }
-        for (int i = 0; i < n_used; ++i) {
-            ggml_tensor *logits = all_logits
-                ? ggml_view_1d(gctx, all_logits, n_vocab, (size_t)i * all_logits->nb[1])   // column i, contiguous
-                : ggml_mul_mat(gctx, weights[out_idx[i]], xs[i]);                          // [n_vocab, 1]
-            ggml_tensor *ids = ggml_top_k(gctx, logits, k);                    // [k, 1] i32, in no particular order
-            ggml_tensor *probs = ggml_soft_max(gctx, logits);                  // [n_vocab, 1]
-            ggml_tensor *rows = ggml_reshape_2d(gctx, probs, 1, n_vocab);       // one "row" per token
-            ggml_tensor *top = ggml_get_rows(gctx, rows, ggml_reshape_1d(gctx, ids, k));  // [1, k]
-            ggml_set_output(ids);
-            ggml_set_output(top);
-            ggml_build_forward_expand(graph, ids);
-            ggml_build_forward_expand(graph, top);
-            out_ids.push_back(ids);
-            out_probs.push_back(top);
-        }
+        // one top-k and one softmax over the columns, one gather of the top-k probabilities
+        out_ids = ggml_top_k(gctx, logits, k);                                     // [k, n_used] i32, unordered
+        ggml_tensor *probs = ggml_soft_max(gctx, logits);                           // [n_vocab, n_used]
+        ggml_tensor *rows = ggml_reshape_3d(gctx, probs, 1, n_vocab, n_used);       // one "row" per token
+        out_probs = ggml_get_rows(gctx, rows, out_ids);                             // [1, k, n_used]
+        ggml_set_output(out_ids);
+        ggml_set_output(out_probs);
+        ggml_build_forward_expand(graph, out_ids);
+        ggml_build_forward_expand(graph, out_probs);
         if (const char *op = unsupported_op()) {
             if (on_fallback) throw std::runtime_error("Medusa heads: the CPU backend cannot run " + std::string(op));
             ggml_free(gctx), gctx = nullptr;  // not cached yet
@@ -1074,20 +1130,25 @@ struct Heads {
         }
         galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
         if (!ggml_gallocr_alloc_graph(galloc, graph)) throw std::runtime_error("cannot allocate the Medusa heads' compute graph");
-        graphs[{k, n_used}] = Graph{gctx, graph, galloc, in_h, out_ids, out_probs};
+        graphs[{k, n_used}] = Graph{gctx, graph, galloc, in_h, in_root, out_ids, out_probs};
         graph_k = k;
         graph_n = n_used;
     }
 
     // ids [n_used, k] int32 (best first) and log-probs [n_used, k] float32 for hidden state h;
-    // n_used <= n_heads: only the heads a tree of that depth reads are computed.
-    py::tuple run(const float *h, int32_t k, int32_t n_used) {
+    // n_used <= n_heads: only the heads a tree of that depth reads are computed. `root`: the token
+    // the base chose at h's position; required by root-input heads, ignored by the others.
+    py::tuple run(const float *h, int32_t k, int32_t n_used, int32_t root) {
         if (k < 1 || k > n_vocab) throw std::invalid_argument("top_k must be in [1, n_vocab]");
         if (n_used < 0) n_used = n_heads;
         if (n_used < 1 || n_used > n_heads)
             throw std::invalid_argument("n_heads_used must be in [1, " + std::to_string(n_heads) + "]");
+        if (root_input && (root < 0 || root >= n_vocab))
+            throw std::invalid_argument(root < 0 ? "these heads read the root token: pass root (the base's token at this position)"
+                                                 : "root token id out of range [0, n_vocab)");
         build(k, n_used);
         ggml_backend_tensor_set(in_h, h, 0, sizeof(float) * n_embd);
+        if (root_input) ggml_backend_tensor_set(in_root, &root, 0, sizeof(int32_t));
         ggml_status st;
         {
             py::gil_scoped_release release;
@@ -1096,11 +1157,13 @@ struct Heads {
         if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("Medusa heads: graph compute failed on " + backend_name);
         py::array_t<int32_t> ids({n_used, k});
         py::array_t<float> logp({n_used, k});
-        std::vector<int32_t> id(k), order(k);
-        std::vector<float> pr(k);
+        std::vector<int32_t> all_id((size_t)k * n_used), id(k), order(k);
+        std::vector<float> all_pr((size_t)k * n_used), pr(k);
+        ggml_backend_tensor_get(out_ids, all_id.data(), 0, sizeof(int32_t) * all_id.size());    // one read each
+        ggml_backend_tensor_get(out_probs, all_pr.data(), 0, sizeof(float) * all_pr.size());
         for (int i = 0; i < n_used; ++i) {
-            ggml_backend_tensor_get(out_ids[i], id.data(), 0, sizeof(int32_t) * k);
-            ggml_backend_tensor_get(out_probs[i], pr.data(), 0, sizeof(float) * k);
+            std::copy_n(all_id.begin() + (size_t)i * k, k, id.begin());
+            std::copy_n(all_pr.begin() + (size_t)i * k, k, pr.begin());
             for (int32_t t : id)
                 if (t < 0 || t >= n_vocab) throw std::runtime_error("Medusa heads: " + backend_name + " returned token id " + std::to_string(t));
             // NaN (damaged weights) ranks last: std::sort needs a strict weak order, or it may run off the array
@@ -1119,16 +1182,16 @@ struct Heads {
         return py::make_tuple(ids, logp);
     }
 
-    py::tuple propose(Context &c, int32_t row, int32_t k, int32_t n_used) {
+    py::tuple propose(Context &c, int32_t row, int32_t k, int32_t n_used, int32_t root) {
         if (llama_model_n_embd_out(c.model->model) != n_embd)
             throw std::invalid_argument("heads n_embd does not match the model");
-        return run(c.row_hidden(row), k, n_used);
+        return run(c.row_hidden(row), k, n_used, root);
     }
 
-    py::tuple propose_hidden(f32_array h, int32_t k, int32_t n_used) {
+    py::tuple propose_hidden(f32_array h, int32_t k, int32_t n_used, int32_t root) {
         if (h.ndim() != 1 || h.shape(0) != n_embd)
             throw std::invalid_argument("hidden state must be a vector of n_embd = " + std::to_string(n_embd) + " floats");
-        return run(h.data(), k, n_used);
+        return run(h.data(), k, n_used, root);
     }
 };
 
@@ -1237,9 +1300,13 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_embd", &Heads::n_embd)
         .def_readonly("n_vocab", &Heads::n_vocab)
         .def_readonly("shared_output", &Heads::shared_output)
+        .def_readonly("root_input", &Heads::root_input)
+        .def_property_readonly("stacked_output", [](const Heads &h) { return h.out_stack != nullptr; })
         .def_readonly("backend", &Heads::backend_name)
         .def_readonly("n_graph_builds", &Heads::n_builds)
         .def_readonly("on_fallback", &Heads::on_fallback)
-        .def("propose", &Heads::propose, py::arg("ctx"), py::arg("row"), py::arg("top_k"), py::arg("n_heads_used") = -1)
-        .def("propose_hidden", &Heads::propose_hidden, py::arg("hidden"), py::arg("top_k"), py::arg("n_heads_used") = -1);
+        .def("propose", &Heads::propose, py::arg("ctx"), py::arg("row"), py::arg("top_k"), py::arg("n_heads_used") = -1,
+             py::arg("root") = -1)
+        .def("propose_hidden", &Heads::propose_hidden, py::arg("hidden"), py::arg("top_k"), py::arg("n_heads_used") = -1,
+             py::arg("root") = -1);
 }

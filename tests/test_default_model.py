@@ -53,7 +53,7 @@ def test_shipped_heads_match_the_shipped_gguf():
     info = read_heads_info(heads)
     m = load_model(gguf)
     assert info["base_vocab_hash"] == f"{m.vocab_fingerprint():016x}"
-    assert info["n_vocab"] == m.n_vocab and info["n_embd"] == m.n_embd and info["shared_output"]
+    assert info["n_vocab"] == m.n_vocab and info["n_embd"] == m.n_embd and info["shared_output"] and info["root_input"]
     acc = info["rank_accuracy"]  # measured at training, for the tree tuner
     assert acc is not None and len(acc) == info["n_heads"] and acc[0][0] > 0.2
 

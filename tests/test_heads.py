@@ -116,3 +116,82 @@ def test_heads_graph_built_once_per_shape(models):
         first.setdefault((k, n), ids.copy())
         assert np.array_equal(ids, first[(k, n)])
     assert h.n_graph_builds == 3
+
+
+def _tensor(path, name, shape):
+    import gguf
+
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
+    return np.asarray(t.data, np.float32).reshape(shape)
+
+
+@pytest.mark.parametrize("shared_output", [False, True])
+def test_root_input_heads_equal_numpy(models, tmp_path, shared_output):
+    """Root-input heads (schema 2): the first ResBlock reads [h; token_embd[root]] from the model
+    file; ids and log-probs match the numpy reference, and another root changes the proposals."""
+    base = models["f32"]
+    hw = write_random_heads(str(tmp_path / "r.medusa.gguf"), base, n_heads=3, n_layers=2, seed=11,
+                            shared_output=shared_output, root_input=True)
+    embd = _tensor(base.path, "token_embd.weight", (base.n_vocab, base.n_embd))
+    out = [_tensor(base.path, "output.weight", (base.n_vocab, base.n_embd))] * 3 if shared_output else hw.out
+    heads = native.Heads(hw.path, base.path, 2)
+    assert heads.root_input and heads.shared_output == shared_output
+    changed = 0
+    for i, h in enumerate(hidden_states(8, base.n_embd, seed=12)):
+        seen = []
+        for root in (3 + i, 40 + 7 * i):
+            ids, logp = heads.propose_hidden(h, 10, -1, root)
+            ref_ids, ref_logits = heads_reference(h, hw.res, out, 10, root_embd=embd[root])
+            m = ref_logits.max(1, keepdims=True)
+            ref_logp = ref_logits - m - np.log(np.exp(ref_logits - m).sum(1, keepdims=True))
+            assert np.abs(logp - np.take_along_axis(ref_logp, ids.astype(np.int64), 1)).max() < 1e-4
+            assert (ids[:, 0] == ref_ids[:, 0]).all()
+            seen.append(ids)
+        changed += int(not np.array_equal(*seen))
+    assert changed >= 6  # the root token is really read
+    with pytest.raises(ValueError, match="read the root token"):
+        heads.propose_hidden(hidden_states(1, base.n_embd)[0], 10)
+    with pytest.raises(ValueError, match="out of range"):
+        heads.propose_hidden(hidden_states(1, base.n_embd)[0], 10, -1, base.n_vocab)
+
+
+def test_root_input_heads_lossless_in_the_engine(models, tmp_path):
+    """The engine passes the root to root-input heads: greedy output equals plain decoding."""
+    from medusa_edge import SamplingParams
+
+    base = models["f32"]
+    hw = write_random_heads(str(tmp_path / "r.medusa.gguf"), base, n_heads=3, seed=13, root_input=True)
+    plain = Engine(base.path, tree="chain:0", n_ctx=256, n_threads=1)
+    med = Engine(base.path, hw.path, tree="chain:3", n_ctx=256, n_threads=1)
+    ids = plain.model.tokenize("the water and the world", True, False)
+    ref = [t for ts in plain.generate(ids, SamplingParams(temperature=0.0), 40) for t in ts]
+    got = [t for ts in med.generate(ids, SamplingParams(temperature=0.0), 40) for t in ts]
+    assert got == ref
+
+
+@pytest.mark.parametrize("shared_output", [False, True])
+@pytest.mark.parametrize("head_type", ["f32", "q8_0"])
+def test_one_pass_equals_heads_one_at_a_time(models, tmp_path, shared_output, head_type):
+    """All heads in one pass (one batched product: the shared matrix times every head's vector, or
+    the stacked own matrices; one top-k; one read-back) give the ids and log-probs that each head
+    computed alone gives (a one-head file per head), bit for bit."""
+    from medusa_edge.heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
+    from medusa_edge.schema import vocab_hash
+    from medusa_edge.testing import random_heads
+
+    base = write_llama_gguf(str(tmp_path / "b.gguf"), n_embd=128, seed=4)  # 128: q8_0 rows need a multiple of 32
+    res, out = random_heads(3, 1, base.n_embd, base.n_vocab, seed=21, shared_output=shared_output, root_input=True)
+
+    def write(path, idx):
+        meta = HeadsMeta(len(idx), 1, base.n_embd, base.n_vocab, shared_output, None, vocab_hash(base.tokens), root_input=True)
+        write_heads_gguf(path, meta, heads_tensors([res[i] for i in idx], None if out is None else [out[i] for i in idx]), head_type)
+        return native.Heads(path, base.path, 2)
+
+    together = write(str(tmp_path / "all.medusa.gguf"), [0, 1, 2])
+    assert together.stacked_output == (not shared_output)
+    alone = [write(str(tmp_path / f"h{i}.medusa.gguf"), [i]) for i in range(3)]
+    for j, h in enumerate(hidden_states(6, base.n_embd, seed=22)):
+        ids, logp = together.propose_hidden(h, 10, 3, 5 + j)
+        for i in range(3):
+            ia, la = alone[i].propose_hidden(h, 10, 1, 5 + j)
+            assert np.array_equal(ids[i], ia[0]) and np.array_equal(logp[i], la[0]), (i, j)

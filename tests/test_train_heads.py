@@ -135,6 +135,7 @@ def test_heads_file_metadata(trained):
     info = read_heads_info(trained["out"])
     eng = Engine(trained["base"].path, tree="chain:0", n_ctx=64, n_threads=1)
     assert info["n_heads"] == N_HEADS and info["n_layers"] == 1 and not info["shared_output"]
+    assert info["root_input"] and info["schema_version"] == 2  # the trainer's default
     assert info["n_embd"] == eng.model.n_embd and info["n_vocab"] == eng.model.n_vocab
     assert info["base_vocab_hash"] == f"{eng.model.vocab_fingerprint():016x}"
     assert json.loads(info["tree"]) == trained["summary"]["tree"]
@@ -341,3 +342,38 @@ def test_generation_resumes_after_an_interruption(trained, tmp_path, monkeypatch
     a, b = full.load(), th.DataCache(str(tmp_path / "part"), {"k": 1}).load()
     assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3])
     np.testing.assert_allclose(a[0].take(np.arange(len(a[1]))), b[0].take(np.arange(len(b[1]))), atol=1e-2)
+
+
+def test_cache_extended_by_a_longer_prompt_list(trained, tmp_path):
+    """A prompt list that starts with the cached prompts extends the cache (only the new prompts
+    are generated); one whose cached part differs is refused."""
+    import shutil
+
+    cache = str(tmp_path / "ext.data")
+    shutil.copytree(str(trained["out"])[:-5] + ".data", cache)
+    prompts = th.load_prompts(trained["data"])
+    longer = str(tmp_path / "longer.jsonl")
+    _write_jsonl(longer, prompts + _prompts(4, seed=77))
+    logs = []
+    s = th.train(_args(trained["base"].path, longer, str(tmp_path / "e.medusa.gguf"), "--steps", "2", "--cache", cache),
+                 log=logs.append)
+    assert any(f"{len(prompts)} prompts cached" in l and "4 more to generate" in l for l in logs), logs
+    meta = json.load(open(os.path.join(cache, "meta.json")))
+    assert meta["complete"] and meta["prompts_n"] == meta["next_prompt"] == len(prompts) + 4
+    assert s["sequences"] > trained["summary"]["sequences"]
+    other = str(tmp_path / "other.jsonl")
+    _write_jsonl(other, ["something else entirely"] + prompts[1:] + _prompts(4, seed=77))
+    with pytest.raises(ValueError, match="made from other prompts"):
+        th.train(_args(trained["base"].path, other, str(tmp_path / "o.medusa.gguf"), "--steps", "1", "--cache", cache),
+                 log=lambda *a: None)
+
+
+def test_root_input_off_writes_reference_heads(trained, tmp_path):
+    """--no-root-input: the reference's heads (schema 1, square first ResBlock)."""
+    from medusa_edge.engine import read_heads_info
+
+    out = str(tmp_path / "ref.medusa.gguf")
+    th.train(_args(trained["base"].path, trained["data"], out, "--steps", "5", "--no-root-input",
+                   "--cache", str(trained["out"])[:-5] + ".data"), log=lambda *a: None)
+    info = read_heads_info(out)
+    assert not info["root_input"] and info["schema_version"] == 1

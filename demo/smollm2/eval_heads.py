@@ -49,7 +49,7 @@ def ranks_of(heads, hidden: np.ndarray, tokens: list, n_heads: int, k: int = 10)
     n = len(tokens)
     out = np.full((n, n_heads), -2, np.int32)
     for j in range(n):
-        ids, _ = heads.propose_hidden(np.ascontiguousarray(hidden[j], np.float32), k, n_heads)
+        ids, _ = heads.propose_hidden(np.ascontiguousarray(hidden[j], np.float32), k, n_heads, int(tokens[j]))
         ids = np.asarray(ids)
         for i in range(n_heads):
             t = j + 1 + i
