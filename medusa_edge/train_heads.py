@@ -1006,8 +1006,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
         paths = [list(p) for p in Tree.resolve(args.tree).paths]
         if paths and max(len(p) for p in paths) > K:
             raise ValueError(f"--tree {args.tree} is deeper than --heads {K}")
-    write_model(model, args.output, base, args.layers, args.shared_output, paths, args.head_type, final.rank_acc,
-                args.root_input)
+    write_model(model, args.output, base, args.layers, args.shared_output, paths, args.head_type, final.rank_acc)
     exp_tps = expected_tokens_per_step(final.rank_acc, paths)
 
     measured = None
@@ -1035,14 +1034,14 @@ def train(args: argparse.Namespace, log=print) -> dict:
 
 
 def write_model(model, path: str, base: BaseModel, n_layers: int, shared_output: bool, paths, head_type: str,
-                rank_acc=None, root_input: bool = False) -> None:
+                rank_acc=None) -> None:
     from .heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
 
     res = [[(blk.linear.weight.detach().float().cpu().numpy(), blk.linear.bias.detach().float().cpu().numpy()) for blk in r]
            for r in model.res]
     out = None if shared_output else [o.weight.detach().float().cpu().numpy() for o in model.out]
     meta = HeadsMeta(len(res), n_layers, base.n_embd, base.n_vocab, shared_output, [list(p) for p in paths] or None,
-                     base.vocab_hash, None if rank_acc is None else np.asarray(rank_acc).tolist(), root_input)
+                     base.vocab_hash, None if rank_acc is None else np.asarray(rank_acc).tolist(), model.root_input)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_heads_gguf(path, meta, heads_tensors(res, out), head_type)
 

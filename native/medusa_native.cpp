@@ -1157,18 +1157,19 @@ struct Heads {
         if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("Medusa heads: graph compute failed on " + backend_name);
         py::array_t<int32_t> ids({n_used, k});
         py::array_t<float> logp({n_used, k});
-        std::vector<int32_t> all_id((size_t)k * n_used), id(k), order(k);
-        std::vector<float> all_pr((size_t)k * n_used), pr(k);
+        std::vector<int32_t> all_id((size_t)k * n_used), order(k);
+        std::vector<float> all_pr((size_t)k * n_used);
         ggml_backend_tensor_get(out_ids, all_id.data(), 0, sizeof(int32_t) * all_id.size());    // one read each
         ggml_backend_tensor_get(out_probs, all_pr.data(), 0, sizeof(float) * all_pr.size());
         for (int i = 0; i < n_used; ++i) {
-            std::copy_n(all_id.begin() + (size_t)i * k, k, id.begin());
-            std::copy_n(all_pr.begin() + (size_t)i * k, k, pr.begin());
-            for (int32_t t : id)
-                if (t < 0 || t >= n_vocab) throw std::runtime_error("Medusa heads: " + backend_name + " returned token id " + std::to_string(t));
+            const int32_t *id = all_id.data() + (size_t)i * k;  // head i's column
+            float *pr = all_pr.data() + (size_t)i * k;
+            for (int j = 0; j < k; ++j)
+                if (id[j] < 0 || id[j] >= n_vocab)
+                    throw std::runtime_error("Medusa heads: " + backend_name + " returned token id " + std::to_string(id[j]));
             // NaN (damaged weights) ranks last: std::sort needs a strict weak order, or it may run off the array
-            for (float &p : pr)
-                if (std::isnan(p)) p = -1.0f;
+            for (int j = 0; j < k; ++j)
+                if (std::isnan(pr[j])) pr[j] = -1.0f;
             // rank order: probability descending, lower id first on ties
             for (int j = 0; j < k; ++j) order[j] = j;
             std::sort(order.begin(), order.end(), [&](int a, int b) { return pr[a] > pr[b] || (pr[a] == pr[b] && id[a] < id[b]); });
