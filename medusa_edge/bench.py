@@ -30,7 +30,13 @@ models whose heads agree with nothing (random-weight models of a large model's s
 decoding runs first, and then Medusa's candidates are drawn from that known continuation,
 head i's rank-r guess right with the profile's probability and a wrong token otherwise. The
 heads, if given, still run every step, so their cost is paid. Speeds so measured are the
-engine's real costs with the profile's acceptance, labelled "replayed".
+engine's real costs with the profile's acceptance, labelled "replayed". Every ``--tree T`` is
+replayed too.
+
+``--no-exact`` leaves exact mode. On a device with no exact batch (a GPU: a batch's rows are not
+computed bit for bit as one-token decodes) exact mode keeps Medusa plain; with this flag the
+tuner measures the cost curve up to 64 tokens and plans a tree, and "equals plain" says how often
+the outputs still agree.
 """
 
 from __future__ import annotations
@@ -252,7 +258,9 @@ def markdown(result: dict) -> str:
     if result.get("tree") is not None:
         lines += [f"medusa tree: {len(result['tree']) + 1} nodes {result['tree']} at the start"
                   + (f", {len(result['tree_final']) + 1} nodes {result['tree_final']} at the end (planned again from "
-                     "live acceptance)" if result.get("tree_final") != result["tree"] else "")
+                     "live acceptance and step costs)" if result.get("tree_final") != result["tree"] else "")
+                  + (f"; live tree-step cost factor {result['live_tree_cost_factor']:.2f}"
+                     if result.get("live_tree_cost_factor") else "")
                   + (f"; past 256 KV cells (one-token decodes on one thread): {len(result['tree_long_final']) + 1} nodes "
                      f"{result['tree_long_final']}" if result.get("tree_long_final", result.get("tree_final")) != result.get("tree_final") else "")]
     return "\n".join(lines) + "\n"
@@ -302,6 +310,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-c", "--ctx-size", type=int, default=2048)
     ap.add_argument("-ngl", "--gpu-layers", type=int, default=0)
     add_numerics_args(ap)
+    ap.add_argument("--no-exact", action="store_true",
+                    help="leave exact mode: trees of any size on any device, outputs may differ from plain decoding "
+                         "at near-ties (a GPU has no exact batch; without this flag Medusa stays plain there)")
     ap.add_argument("-o", "--output", default="bench-results", help="directory for bench.json, bench.md, bench.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
@@ -321,7 +332,7 @@ def main(argv=None) -> int:
         prompts = load_prompts(path)[: args.num_prompts]
         profile = load_profile(args.replay) if args.replay else None
         llm = Medusa(args.model, args.heads, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     tree=None if not args.replay else "chain:0", **numerics_kwargs(args))
+                     tree=None if not args.replay else "chain:0", exact=not args.no_exact, **numerics_kwargs(args))
     except (MedusaError, ValueError, TypeError, OSError) as e:
         print(f"medusa-edge bench: error: {e}", file=sys.stderr)
         return 1
@@ -335,7 +346,8 @@ def main(argv=None) -> int:
         return chat_prompt_tokens(m, msgs, llm.chat_template)
 
     ids = [ids_of(p) for p in prompts]
-    kw = dict(n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers, **numerics_kwargs(args))
+    kw = dict(n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers, exact=not args.no_exact,
+              **numerics_kwargs(args))
     methods = [engine_method("plain", eng, max_depth=0)]
     on_plain = None
     costs, tree = eng.costs, (eng.plan.paths if eng.plan else [list(p) for p in eng.tree.paths])
@@ -358,7 +370,7 @@ def main(argv=None) -> int:
         if plan.paths or plan_long.paths:
             # the context gets one sequence per leaf of the wider tree; then each regime its own tree
             wide = max((plan.paths, plan_long.paths), key=lambda p: Tree.from_paths(p).n_leaves)
-            replay_eng = Engine(eng.model_path, None, tree=wide, exact=eng.exact, **kw)
+            replay_eng = Engine(eng.model_path, None, tree=wide, **kw)
             replay_eng.use_trees(plan.paths, plan_long.paths)
         proposers: dict = {"current": ReplayProposer([], prof, m.n_vocab)}  # the warm-up knows no continuation
 
@@ -368,9 +380,12 @@ def main(argv=None) -> int:
                 heads_cost = lambda n, k: eng.heads.propose_hidden(np.zeros(m.n_embd, np.float32), k, n, 0)  # noqa: E731
             proposers["current"] = ReplayProposer(run.tokens, prof, m.n_vocab, seed=i, heads_cost=heads_cost)
 
+        replayed = lambda g, n, k: proposers["current"](g, n, k)  # noqa: E731
         if replay_eng is not None:
-            inner = engine_method("medusa", replay_eng, proposer=lambda g, n, k: proposers["current"](g, n, k), replayed=True)
-            methods.append(inner)
+            methods.append(engine_method("medusa", replay_eng, proposer=replayed, replayed=True))
+        for t in args.tree:
+            methods.append(engine_method(f"medusa[{t}]", Engine(eng.model_path, None, tree=t, **kw), proposer=replayed,
+                                         replayed=True))
     else:
         methods.append(engine_method("medusa", eng))
         for t in args.tree:
@@ -398,6 +413,8 @@ def main(argv=None) -> int:
         "expected_speedup": eng.plan.expected_speedup if eng.plan and not profile else None,
         # past 256 KV cells exact mode decodes single tokens on one thread on a CPU, and plans a tree for that
         "tree_long_final": eng.plan_long.paths if eng.plan_long and not profile else tree_long,
+        # tune.LiveCosts: how much more a tree step's extra work cost live than measured (1.0: as measured)
+        "live_tree_cost_factor": round(eng.live_costs.factor(), 3) if eng.live_costs and not profile else None,
     })
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "bench.json"), "w") as f:

@@ -248,6 +248,7 @@ class Engine:
         self.plan: Optional[tune.Plan] = None
         self.plan_long: Optional[tune.Plan] = None
         self.live: Optional[tune.LiveAcceptance] = None
+        self.live_costs: Optional[tune.LiveCosts] = None
         if self.auto and self.max_auto_nodes >= 2:
             self._tune(exactness.cache_key(model_path, n_threads=n_threads, flash_attn=fa, f32_kv=f32_kv, type_k=tk, type_v=tv,
                                            n_gpu_layers=n_gpu_layers))
@@ -273,20 +274,22 @@ class Engine:
             row = list(acc[i])[: tune.MAX_RANK]
             prior[i, : len(row)] = row
         self.live = tune.LiveAcceptance(prior)
+        self.live_costs = tune.LiveCosts()
         self._replan()
 
     #: Steps of live acceptance between two plans of the auto tree.
     REPLAN_EVERY = 64
 
     def _replan(self) -> None:
-        """Both auto trees from the live accuracies: ``tree`` while one-token decodes get all
-        threads, ``tree_long`` once they get ``n_threads_long`` (plain decoding is slower there,
-        so a tree pays sooner)."""
+        """Both auto trees from the live accuracies and live step costs: ``tree`` while one-token
+        decodes get all threads, ``tree_long`` once they get ``n_threads_long`` (plain decoding is
+        slower there, so a tree pays sooner)."""
         acc = self.live.estimate()
+        factor = self.live_costs.factor()
 
         def one(long_context: bool) -> tune.Plan:
             return tune.plan(acc, self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads,
-                             max_leaves=self.max_auto_leaves, long_context=long_context)
+                             max_leaves=self.max_auto_leaves, long_context=long_context, tree_cost_factor=factor)
 
         self.plan = one(False)
         self.plan_long = one(True) if self.n_threads_long != self.n_threads else self.plan
@@ -328,7 +331,7 @@ class Engine:
                     n_batch=self.ctx.n_batch)
             out.append(t)
         self.tree, self.tree_long = out
-        self.auto, self.live = False, None
+        self.auto, self.live, self.live_costs = False, None, None
         self._shapes.clear()
 
     def _choose_tree(self, tree) -> Tree:
@@ -476,6 +479,11 @@ class Engine:
                 # split one-token decodes are slower, and a tree may pay where it did not before
                 long = n_past + 1 > exactness.SPLIT_FREE_CELLS
                 depth = 0 if row is None else tree_depth(long)
+                # tree="auto": one step in PROBE_EVERY is plain, so tree steps are timed against
+                # plain ones in the same work (tune.LiveCosts)
+                timed = self.live_costs is not None and depth > 0
+                if timed and self.live_costs.probe_now():
+                    depth = 0
                 tree, shape = self._shape(long, min(remaining - 1, depth), self.n_ctx - n_past)
                 # propose: the heads' top-k at the position that produced the root
                 th = time.perf_counter()
@@ -503,6 +511,12 @@ class Engine:
                 stats.accepted_hist[len(path) - 1] += 1
                 if self.live is not None and tree.n_nodes > 1:
                     self.live.update(tree, path)
+                if timed:
+                    step_s, plain_s = time.perf_counter() - th, tune.plain_step_s(self.costs, long)
+                    if tree.n_nodes > 1:
+                        self.live_costs.update_tree(step_s, tune.tree_step_s(self.costs, tree.n_nodes, tree.max_depth), plain_s)
+                    else:
+                        self.live_costs.update_plain(step_s, plain_s)
                 for d in range(len(path) - 1):
                     stats.head_accepts[d] += 1
                 stop = next((i for i, t in enumerate(new) if self.model.is_eog(t)), None)

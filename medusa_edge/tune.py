@@ -144,19 +144,20 @@ def expected_tokens(rank_acc, paths: Sequence[Sequence[int]]) -> float:
 
 
 def plan(rank_acc, costs: Costs, max_nodes: int, max_depth: Optional[int] = None, margin: float = 0.03,
-         max_leaves: Optional[int] = None, long_context: bool = False) -> Plan:
+         max_leaves: Optional[int] = None, long_context: bool = False, tree_cost_factor: float = 1.0) -> Plan:
     """The prefix of ``grow_tree``'s order (at most ``max_nodes`` nodes with the root and
     ``max_leaves`` leaves) with the most expected tokens per second, or no tree when none beats
-    plain decoding by ``margin``. ``long_context``: plain decoding costs ``t_single_long``."""
-    t1 = costs.t_single_long if long_context and costs.t_single_long > 0 else costs.decode(1)
-    plain_s = t1 + costs.t_host_plain
+    plain decoding by ``margin``. ``long_context``: plain decoding costs ``t_single_long``.
+    ``tree_cost_factor`` scales what a tree step costs beyond a plain step (``LiveCosts``)."""
+    plain_s = plain_step_s(costs, long_context)
     order = grow_tree(rank_acc, max(1, max_nodes), max_depth, max_leaves=max_leaves)
     table = [(1, 1.0, plain_s, 1.0)]
     best = (1.0, 0, 1.0)  # (speedup, n paths, E)
     for n in range(1, len(order) + 1):
         paths = order[:n]
         e = expected_tokens(rank_acc, paths)
-        step_s = costs.decode(n + 1) + costs.heads(max(len(p) for p in paths)) + costs.t_host
+        # a tree step does a plain step's work and more; the factor scales the more
+        step_s = plain_s + tree_cost_factor * max(0.0, tree_step_s(costs, n + 1, max(len(p) for p in paths)) - plain_s)
         speedup = (e / step_s) * plain_s
         table.append((n + 1, round(e, 4), step_s, round(speedup, 4)))
         if speedup > best[0]:
@@ -164,6 +165,66 @@ def plan(rank_acc, costs: Costs, max_nodes: int, max_depth: Optional[int] = None
     if best[1] == 0 or best[0] < 1.0 + margin:
         return Plan([], 1.0, 1.0, table)
     return Plan(order[: best[1]], round(best[2], 4), round(best[0], 4), table)
+
+
+def tree_step_s(costs: Costs, n_nodes: int, depth: int) -> float:
+    """Predicted seconds of a tree step: verify ``n_nodes`` tokens, a heads pass of ``depth``
+    heads, and the host's work."""
+    return costs.decode(n_nodes) + costs.heads(depth) + costs.t_host
+
+
+def plain_step_s(costs: Costs, long_context: bool = False) -> float:
+    """Predicted seconds of a plain step (one token)."""
+    t1 = costs.t_single_long if long_context and costs.t_single_long > 0 else costs.decode(1)
+    return t1 + costs.t_host_plain
+
+
+class LiveCosts:
+    """How much more a tree step's extra work (beyond a plain step's) costs in this engine's real
+    work than the measured cost model says. The engine decodes one step in ``PROBE_EVERY``
+    plainly while a tree is on and times both kinds. Plain steps give q, the median of observed
+    over predicted seconds: what context length, prompt mix and machine load do to every step
+    alike. A tree step's observed seconds over q, less the predicted plain step, over the
+    predicted extra, is one reading; the factor is their median, within ``bounds``.
+
+    Why: a one-off measurement of chain batches after 256 cached tokens misses costs that real
+    steps pay (seen: t(2)/t(1) 1.25 measured, 1.5 live after 40 tokens on the 11M demo model on a
+    CPU; on an H200 a 63-node tree cost 6.7 one-token decodes of SmolLM2-135M where the tuner,
+    out of exact mode, planned a tree that ran at 0.46x of plain). Scaling the extra, not the
+    whole step, makes big trees pay more than small ones, so the plan shrinks before it stops.
+    The factor never goes below 1: a noisy low reading must not grow a tree that does not pay.
+    Only the last ``keep`` readings of each kind count."""
+
+    PROBE_EVERY = 16
+
+    def __init__(self, min_tree: int = 8, min_plain: int = 3, keep: int = 128, bounds: tuple = (1.0, 50.0)):
+        self.tree: list = []  # (observed s, predicted tree step s, predicted plain step s)
+        self.plain: list = []  # observed / predicted
+        self.min_tree, self.min_plain, self.keep, self.bounds = min_tree, min_plain, keep, bounds
+        self.clock = 0
+
+    def probe_now(self) -> bool:
+        """Called once per step that would use a tree: whether this one should be plain."""
+        self.clock += 1
+        return self.clock % self.PROBE_EVERY == 0
+
+    def update_tree(self, observed_s: float, predicted_s: float, predicted_plain_s: float) -> None:
+        self.tree.append((observed_s, predicted_s, predicted_plain_s))
+        del self.tree[: -self.keep]
+
+    def update_plain(self, observed_s: float, predicted_s: float) -> None:
+        self.plain.append(observed_s / predicted_s)
+        del self.plain[: -self.keep]
+
+    def factor(self) -> float:
+        """The scale of a tree step's extra cost; 1.0 until enough of both kinds were seen."""
+        if len(self.tree) < self.min_tree or len(self.plain) < self.min_plain:
+            return 1.0
+        q = statistics.median(self.plain)
+        readings = [(obs / q - plain) / (pred - plain) for obs, pred, plain in self.tree if pred > plain]
+        if not readings:
+            return 1.0
+        return float(min(max(statistics.median(readings), self.bounds[0]), self.bounds[1]))
 
 
 class LiveAcceptance:

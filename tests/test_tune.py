@@ -122,3 +122,55 @@ def test_leaf_budget_is_respected():
     assert t.n_leaves <= 3 and t.max_depth == 4
     p = tune.plan(GOOD, costs(lambda b: T1), 64, max_leaves=3)
     assert Tree.from_paths(p.paths).n_leaves <= 3
+
+
+def test_live_costs_by_hand():
+    """The factor: tree steps' extra cost over plain steps, observed against predicted, with the
+    plain probes' observed/predicted ratio taken out; 1.0 until enough of both; within bounds,
+    over the last ``keep`` readings. Every PROBE_EVERY-th tree step is a probe."""
+    lc = tune.LiveCosts(min_tree=4, min_plain=2, keep=8)
+    for _ in range(4):  # predicted 15 ms (10 plain + 5 extra); observed 30 ms
+        lc.update_tree(0.030, 0.015, 0.010)
+    assert lc.factor() == 1.0  # no plain step seen yet
+    lc.update_plain(0.015, 0.010)
+    lc.update_plain(0.015, 0.010)  # plain steps take 1.5x their prediction: so does everything
+    assert lc.factor() == pytest.approx(2.0)  # 30 / 1.5 = 20 ms: 10 ms extra where 5 was predicted
+    for _ in range(8):
+        lc.update_tree(0.012, 0.015, 0.010)  # cheaper than predicted: never below 1
+    assert len(lc.tree) == 8 and lc.factor() == 1.0
+    for _ in range(8):
+        lc.update_tree(10.0, 0.015, 0.010)
+    assert lc.factor() == 50.0  # the window forgot the rest; clamped at the bound
+    assert sum(lc.probe_now() for _ in range(2 * tune.LiveCosts.PROBE_EVERY)) == 2
+
+
+def test_tree_cost_factor_shrinks_the_plan():
+    """Trees whose extra cost is larger than measured get smaller, then none."""
+    sloped = costs(lambda b: T1 * (1 + 0.005 * (b - 1)))
+    sizes = [tune.plan(GOOD, sloped, 64, tree_cost_factor=f).n_nodes for f in (1.0, 2.0, 4.0, 16.0)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[1] > sizes[2] > 1 and sizes[-1] == 1
+    assert tune.plan(GOOD, sloped, 64, tree_cost_factor=1.0).paths == tune.plan(GOOD, sloped, 64).paths
+
+
+def test_auto_corrects_costs_the_measurement_got_wrong(models, tmp_path, monkeypatch):
+    """A cost model that calls big trees nearly free: the engine times its tree steps against
+    plain probe steps, the live factor shows the error, and the next plan is smaller. Greedy
+    output, probes and all, still equals plain decoding's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, **F32)
+    t1 = e.costs.decode(1)
+    # a GPU-like curve: 64 tokens for 1.1 of one, heads and host work nearly free
+    e.costs = tune.Costs(batch=[1, 64], t_decode=[t1, 1.1 * t1], spread=[0.0] * 2, t_heads=[0.0] + [1e-6] * 4,
+                         t_host=e.costs.t_host_plain + 1e-6, t_host_plain=e.costs.t_host_plain)
+    e.live.prior_weight = 1e9  # hold the acceptance at its prior: this test is about costs
+    e._replan()
+    before = e.plan.n_nodes
+    assert before > 4
+    plain = Engine(models["f32"].path, tree="chain:0", n_ctx=512, n_threads=1, **F32)
+    ids = e.model.tokenize("the world", True, False)
+    ref = [t for ts in plain.generate(ids, SamplingParams(), 100, reuse_prefix=False) for t in ts]
+    for _ in range(3):
+        got = [t for ts in e.generate(ids, SamplingParams(), 100, reuse_prefix=False) for t in ts]
+        assert got == ref
+    assert len(e.live_costs.plain) >= 3 and e.live_costs.factor() > 2.0
+    assert e.plan.n_nodes < before
