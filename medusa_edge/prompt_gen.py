@@ -6,7 +6,8 @@ Medusa heads learn what the base writes after the prompts they are trained on, s
 should look like the ones they will serve. This generator combines task templates (explain,
 list, compare, how-to, write, summarise, code, maths, advice, rewrite, classify, plan) with
 topics from many fields, and fills maths and code tasks with random numbers and small problems.
-It is deterministic for a seed.
+``--n-more`` appends a second set of kinds (role play, answering from a text given in the prompt,
+reasoning puzzles, discussion, writing under a constraint). It is deterministic for a seed.
 
 Held-out split: every topic belongs to one split (a fixed hash of its text), so held-out
 prompts are about topics the training prompts never mention, not paraphrases of them.
@@ -170,6 +171,92 @@ TEMPLATES = {
 #: Draws that take the kinds of task in turn (the shipped heads' prompts were made with this value).
 ROUND_ROBIN_DRAWS = 4000
 
+# -- a second set of kinds, appended after the first (``generate(..., n_more=)``) ----------------
+# Kinds of request the first set never writes: speaking as a character, answering from a text
+# given in the prompt, small reasoning puzzles, open discussion questions, writing under a stated
+# constraint. Appended, so a data cache of the first set's prompts extends.
+PEOPLE = ["Maria", "Kenji", "Amara", "Lukas", "Priya", "Tom", "Sofia", "Omar", "Chen", "Fatima", "Ivan", "Grace"]
+JOBS = ["chef", "nurse", "software engineer", "teacher", "pilot", "librarian", "farmer", "detective", "lawyer",
+        "museum guide", "personal trainer", "journalist", "architect", "shop owner", "scientist"]
+PRODUCTS = ["wireless headphones", "a coffee machine", "a running shoe", "a laptop bag", "a smart watch", "an electric bike",
+            "a desk lamp", "a blender", "a phone case", "a tent"]
+CONSTRAINTS = ["in under 100 words", "in exactly three sentences", "without using the letter e in the first sentence",
+               "as a numbered list", "in a formal tone", "in the style of a news report", "with a surprising ending",
+               "using only simple words", "as a dialogue between two people", "in five bullet points"]
+
+TEMPLATES_MORE = {
+    "roleplay": [
+        "Pretend you are {c}. Describe your morning.", "Act as a {j}. What does a typical day look like for you?",
+        "Imagine you are a tour guide in {p}. Welcome your group and describe the first stop.",
+        "You are {c}. Give a short speech to {a} about {t}.",
+        "Role-play a job interview for a {j} position: you are the interviewer. Ask your first three questions.",
+        "You are a {j} talking to {a}. Explain what you do and why it matters.",
+        "Stay in character as {c} and answer: what is the best advice you ever got?",
+    ],
+    "extract": [
+        "Extract every name, city and number from this text: \"{P1} moved from {p} to {p2} in {yr} with {x} books, "
+        "and {P2} joined a year later.\"",
+        "From this review, give the product, the rating and the main complaint: \"I bought {r} last month. "
+        "It is fine, but the battery dies after {h} hours. {st} stars.\"",
+        "Read this and answer in one sentence, who met whom and where? \"On a rainy day in {p}, {P1} finally met {P2}, "
+        "a {j} who had written to them for {h} years.\"",
+        "Turn this into JSON with the keys name, job and city: \"{P1} works as a {j} in {p}.\"",
+        "What is the main claim of this paragraph? \"Many people think {t} is simple. In fact, experts still disagree "
+        "about it, and new findings appear every year.\"",
+        "List the dates and amounts in this note: \"Paid {x} dollars on {d1}, then {y} dollars on {d2}.\"",
+    ],
+    "reason": [
+        "{P1} is taller than {P2}, and {P2} is taller than {P3}. Who is the shortest? Explain.",
+        "I have {x} apples. I give away {z} and buy {h} more. How many do I have now? Think step by step.",
+        "What comes next in the sequence {s1}, {s2}, {s3}, {s4}? Explain the pattern.",
+        "If all {j}s in a town are early risers and {P1} is a {j} in that town, what can we conclude? What can't we?",
+        "A meeting starts at {hh}:00 and lasts {m} minutes. When does it end?",
+        "{P1} is twice as old as {P2}. In {h} years {P2} will be {age}. How old is {P1} now?",
+        "There are {h} red balls and {z} blue balls in a bag. What is the chance of drawing a red one?",
+        "Which weighs more, {x} kg of feathers or {y} kg of iron? Explain.",
+    ],
+    "discuss": [
+        "Discuss the impact of {t} on everyday life.", "What are the arguments for and against {t}? Give a balanced view.",
+        "How might {t} change in the next twenty years?", "What can we learn from the history of {t}?",
+        "Describe how {t} affects {a}.", "What would happen if {t} disappeared tomorrow?",
+        "Is {t} overrated or underrated? Argue one side.",
+    ],
+    "constrained": [
+        "Write a short story about {c} {k2}.", "Describe {p} {k2}.", "Explain {t} {k2}.",
+        "Write a product announcement for {r} {k2}.", "Write a travel blog post about {p} {k2}.",
+        "Write a persuasive paragraph about {t} {k2}.", "Give advice to {a} about {t} {k2}.",
+    ],
+}
+
+
+def _generate_more(n: int, seed: int, split: str, pools: dict) -> list:
+    """``n`` prompts of the second set of kinds, in turn; a prefix of any longer list."""
+    rng = random.Random(f"{seed}:{split}:more")
+    kinds = sorted(TEMPLATES_MORE)
+    out, seen = [], set()
+    attempts = 0
+    while len(out) < n and attempts < 50 * n + 100:
+        attempts += 1
+        kind = kinds[len(out) % len(kinds)] if attempts <= ROUND_ROBIN_DRAWS else rng.choice(kinds)
+        tmpl = rng.choice(TEMPLATES_MORE[kind])
+        p1, p2, p3 = rng.sample(PEOPLE, 3)
+        pl, pl2 = rng.sample(pools["p"], 2) if len(pools["p"]) >= 2 else (pools["p"] * 2)[:2]
+        a0, step = rng.randint(1, 9), rng.randint(2, 5)
+        seq = rng.choice([[a0 + i * step for i in range(4)], [a0 * step ** i for i in range(4)], [(a0 + i) ** 2 for i in range(4)]])
+        h = rng.randint(2, 12)
+        fields = dict(
+            t=rng.choice(pools["t"]), a=rng.choice(AUDIENCES), c=rng.choice(pools["c"]), p=pl, p2=pl2, j=rng.choice(JOBS),
+            P1=p1, P2=p2, P3=p3, x=rng.randint(10, 500), y=rng.randint(10, 500), z=rng.randint(1, 9), h=h,
+            yr=rng.randint(1950, 2024), r=rng.choice(PRODUCTS), st=rng.randint(1, 5), d1=f"{rng.randint(1, 28)} March",
+            d2=f"{rng.randint(1, 28)} April", s1=seq[0], s2=seq[1], s3=seq[2], s4=seq[3], hh=rng.randint(7, 18),
+            m=rng.choice([15, 30, 45, 50, 75, 90, 120]), age=h + rng.randint(5, 30), k2=rng.choice(CONSTRAINTS),
+        )
+        text = tmpl.format(**fields)
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
 
 def _split_of(text: str, heldout_frac: float) -> str:
     h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") / 2**32
@@ -187,13 +274,15 @@ def _pools(split: str, heldout_frac: float) -> dict:
             "e": pick(EMAIL_PURPOSES)}
 
 
-def generate(n: int, seed: int = 0, split: str = "train", heldout_frac: float = 0.1) -> list[str]:
+def generate(n: int, seed: int = 0, split: str = "train", heldout_frac: float = 0.1, n_more: int = 0) -> list[str]:
     """``n`` prompts of one split ("train" or "heldout"), deterministic for ``seed``, the kinds of
-    task in turn; the first ``n`` of a longer list are the same prompts."""
+    task in turn; the first ``n`` of a longer list are the same prompts. Then ``n_more`` prompts
+    of the second set of kinds (``TEMPLATES_MORE``), so a list with ``n_more`` starts with the
+    list without."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
-    if n < 0:
-        raise ValueError("n must be >= 0")
+    if n < 0 or n_more < 0:
+        raise ValueError("n and n_more must be >= 0")
     rng = random.Random(f"{seed}:{split}")
     pools = _pools(split, heldout_frac)
     kinds = sorted(TEMPLATES)
@@ -218,7 +307,8 @@ def generate(n: int, seed: int = 0, split: str = "train", heldout_frac: float = 
         if text not in seen:
             seen.add(text)
             out.append(text)
-    return out
+    more = [t for t in _generate_more(n_more + len(seen), seed, split, pools) if t not in seen][:n_more] if n_more else []
+    return out + more
 
 
 def main(argv=None) -> int:
@@ -226,6 +316,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", type=int, default=3000, help="training prompts to write (default 3000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--n-more", type=int, default=0,
+                   help="then this many prompts of the second set of kinds: role play, answering from a given text, "
+                        "reasoning puzzles, discussion, writing under a constraint (default 0)")
     p.add_argument("-o", "--output", default="-", help="JSONL file for the training prompts (default: stdout)")
     p.add_argument("--heldout", help="also write held-out prompts (on topics the training split never uses) here")
     p.add_argument("--n-heldout", type=int, default=200, help="held-out prompts (default 200)")
@@ -241,9 +334,11 @@ def main(argv=None) -> int:
             if f is not sys.stdout:
                 f.close()
 
-    write(args.output, generate(args.n, args.seed, "train", args.heldout_frac))
+    write(args.output, generate(args.n, args.seed, "train", args.heldout_frac, n_more=args.n_more))
     if args.heldout:
-        write(args.heldout, generate(args.n_heldout, args.seed, "heldout", args.heldout_frac))
+        # the held-out split mixes both sets in the training list's proportion
+        more = round(args.n_heldout * args.n_more / max(1, args.n + args.n_more))
+        write(args.heldout, generate(args.n_heldout - more, args.seed, "heldout", args.heldout_frac, n_more=more))
     return 0
 
 

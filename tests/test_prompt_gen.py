@@ -1,0 +1,51 @@
+"""The self-distillation prompt generator: deterministic, prefix-stable (a data cache extends),
+held-out topics unseen in training, and the second set of kinds appended after the first."""
+
+import json
+
+import pytest
+
+from medusa_edge import prompt_gen as pg
+
+
+def test_deterministic_and_every_list_a_prefix_of_a_longer_one():
+    a = pg.generate(300, seed=1)
+    assert a == pg.generate(300, seed=1) and len(set(a)) == 300
+    assert pg.generate(120, seed=1) == a[:120]
+    assert pg.generate(300, seed=2) != a
+
+
+def test_second_set_is_appended_and_prefix_stable():
+    first = pg.generate(200, seed=0)
+    both = pg.generate(200, seed=0, n_more=150)
+    assert both[:200] == first and len(both) == 350 and len(set(both)) == 350
+    assert pg.generate(200, seed=0, n_more=60) == both[:260]
+    more = both[200:]
+    # the second set's kinds, each present (role play, extraction, reasoning, discussion, constraint)
+    assert any(s.startswith(("Pretend you are", "Act as a", "Role-play", "You are", "Imagine you are", "Stay in character")) for s in more)
+    assert any("\"" in s and s.startswith(("Extract", "From this review", "Read this", "Turn this", "What is the main claim", "List the dates")) for s in more)
+    assert any(s.startswith("What comes next in the sequence") or "step by step" in s for s in more)
+    assert not set(more) & set(pg.generate(400, seed=0))  # none repeats a first-set prompt
+
+
+def test_heldout_topics_never_appear_in_training_prompts():
+    train = pg.generate(600, seed=0, n_more=200)
+    held = [t for ts in pg.TOPICS.values() for t in ts if pg._split_of(t, 0.1) == "heldout"]
+    assert held
+    assert not [t for t in held if any(t in p for p in train)]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError):
+        pg.generate(10, split="test")
+    with pytest.raises(ValueError):
+        pg.generate(10, n_more=-1)
+
+
+def test_cli_writes_both_splits_in_proportion(tmp_path):
+    out, held = tmp_path / "p.jsonl", tmp_path / "h.jsonl"
+    assert pg.main(["-n", "80", "--n-more", "20", "-o", str(out), "--heldout", str(held), "--n-heldout", "50"]) == 0
+    train = [json.loads(line)["prompt"] for line in out.read_text().splitlines()]
+    heldout = [json.loads(line)["prompt"] for line in held.read_text().splitlines()]
+    assert train == pg.generate(80, n_more=20) and len(heldout) == 50
+    assert heldout[40:] == pg.generate(40, split="heldout", n_more=10)[40:]  # 20% of the second set, like training
