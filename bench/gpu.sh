@@ -102,13 +102,19 @@ cuda_env() {
 # GPU_VENV=- installs into the python3 on PATH instead (an image whose packages live in a venv)
 venv_on() {
   local venv=${GPU_VENV:-/tmp/medusa-gpu-venv}
-  [ "$venv" != - ] || return 0
-  if [ ! -x "$venv/bin/python" ]; then
-    say "venv $venv (with the system's numpy, torch, pytest, scikit-build-core, pybind11)"
-    python3 -m venv --system-site-packages "$venv"
+  if [ "$venv" != - ]; then
+    if [ ! -x "$venv/bin/python" ]; then
+      say "venv $venv (with the system's numpy, torch, pytest, scikit-build-core, pybind11)"
+      python3 -m venv --system-site-packages "$venv"
+    fi
+    # shellcheck disable=SC1091
+    . "$venv/bin/activate"
   fi
-  # shellcheck disable=SC1091
-  . "$venv/bin/activate"
+  python -c "import scikit_build_core, pybind11, numpy" 2>/dev/null || {
+    say "$(command -v python) lacks scikit-build-core, pybind11 or numpy (seen: an image whose packages live in another"
+    say "venv, e.g. /opt/torch/.venv). Put that venv's bin first on PATH and set GPU_VENV=- to install into it."
+    exit 1
+  }
 }
 
 # Seen on an H200 image (CUDA 13.0, gcc 13, Python 3.12, 2026-11-29): the libggml-cuda.so built
