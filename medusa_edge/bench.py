@@ -372,20 +372,26 @@ def main(argv=None) -> int:
             wide = max((plan.paths, plan_long.paths), key=lambda p: Tree.from_paths(p).n_leaves)
             replay_eng = Engine(eng.model_path, None, tree=wide, **kw)
             replay_eng.use_trees(plan.paths, plan_long.paths)
-        proposers: dict = {"current": ReplayProposer([], prof, m.n_vocab)}  # the warm-up knows no continuation
+        # one proposer per replayed method, each seeded by the prompt: every tree sees its own draws,
+        # whatever ran before it; the warm-up knows no continuation
+        proposers: dict = {}
+
+        def replayed(name):
+            proposers[name] = ReplayProposer([], prof, m.n_vocab)
+            return lambda g, n, k: proposers[name](g, n, k)
 
         def on_plain(i, run):
             heads_cost = None
             if eng.heads is not None:
                 heads_cost = lambda n, k: eng.heads.propose_hidden(np.zeros(m.n_embd, np.float32), k, n, 0)  # noqa: E731
-            proposers["current"] = ReplayProposer(run.tokens, prof, m.n_vocab, seed=i, heads_cost=heads_cost)
+            for name in proposers:
+                proposers[name] = ReplayProposer(run.tokens, prof, m.n_vocab, seed=i, heads_cost=heads_cost)
 
-        replayed = lambda g, n, k: proposers["current"](g, n, k)  # noqa: E731
         if replay_eng is not None:
-            methods.append(engine_method("medusa", replay_eng, proposer=replayed, replayed=True))
+            methods.append(engine_method("medusa", replay_eng, proposer=replayed("medusa"), replayed=True))
         for t in args.tree:
-            methods.append(engine_method(f"medusa[{t}]", Engine(eng.model_path, None, tree=t, **kw), proposer=replayed,
-                                         replayed=True))
+            name = f"medusa[{t}]"
+            methods.append(engine_method(name, Engine(eng.model_path, None, tree=t, **kw), proposer=replayed(name), replayed=True))
     else:
         methods.append(engine_method("medusa", eng))
         for t in args.tree:

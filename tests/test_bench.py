@@ -45,14 +45,15 @@ def test_replay_runs_every_tree_and_no_exact_plans_freely(tmp_path, monkeypatch)
     """--replay replays each --tree too; --no-exact leaves exact mode (what a GPU needs to get a tree)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"turns": ["What colour is the sky?"]}))
+    prompts.write_text(json.dumps({"turns": ["Tell me a story about a fox."]}))
     out = tmp_path / "out"
-    rc = bench.main([demo_model_path(), "--prompts", str(prompts), "-n", "1", "--max-tokens", "24", "--replay", "vicuna-7b",
+    rc = bench.main([demo_model_path(), "--prompts", str(prompts), "-n", "1", "--max-tokens", "48", "--replay", "vicuna-7b",
                      "--tree", "chain:2", "--no-llama-cpp", "--no-exact", "-o", str(out), "--quiet"])
     assert rc == 0
     r = json.loads((out / "bench.json").read_text())
     by_name = {m["method"]: m for m in r["methods"]}
     assert "medusa[chain:2]" in by_name and by_name["medusa[chain:2]"]["replayed"]
+    assert by_name["medusa[chain:2]"]["tokens"] >= 40  # a long answer: chance alone cannot keep it at 1 token a step
     assert by_name["medusa[chain:2]"]["tokens_per_step"] > 1.0
     assert "exact batch -" in r["device"]  # not measured: exact mode is off
 
