@@ -310,9 +310,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-c", "--ctx-size", type=int, default=2048)
     ap.add_argument("-ngl", "--gpu-layers", type=int, default=0)
     add_numerics_args(ap)
-    ap.add_argument("--no-exact", action="store_true",
-                    help="leave exact mode: trees of any size on any device, outputs may differ from plain decoding "
-                         "at near-ties (a GPU has no exact batch; without this flag Medusa stays plain there)")
     ap.add_argument("-o", "--output", default="bench-results", help="directory for bench.json, bench.md, bench.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
@@ -332,7 +329,7 @@ def main(argv=None) -> int:
         prompts = load_prompts(path)[: args.num_prompts]
         profile = load_profile(args.replay) if args.replay else None
         llm = Medusa(args.model, args.heads, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     tree=None if not args.replay else "chain:0", exact=not args.no_exact, **numerics_kwargs(args))
+                     tree=None if not args.replay else "chain:0", **numerics_kwargs(args))
     except (MedusaError, ValueError, TypeError, OSError) as e:
         print(f"medusa-edge bench: error: {e}", file=sys.stderr)
         return 1
@@ -346,8 +343,7 @@ def main(argv=None) -> int:
         return chat_prompt_tokens(m, msgs, llm.chat_template)
 
     ids = [ids_of(p) for p in prompts]
-    kw = dict(n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers, exact=not args.no_exact,
-              **numerics_kwargs(args))
+    kw = dict(n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers, **numerics_kwargs(args))
     methods = [engine_method("plain", eng, max_depth=0)]
     on_plain = None
     costs, tree = eng.costs, (eng.plan.paths if eng.plan else [list(p) for p in eng.tree.paths])

@@ -26,19 +26,23 @@ KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 
 
 
 def add_numerics_args(p) -> None:
-    """Flash attention and KV cache types, named as llama.cpp's CLI names them."""
+    """Flash attention and KV cache types, named as llama.cpp's CLI names them; exact mode."""
     p.add_argument("-fa", "--flash-attn", choices=("auto", "on", "off"), default="auto",
                    help="flash attention (default auto: on where the device supports it; exactness on a CPU needs it)")
     p.add_argument("-ctk", "--cache-type-k", choices=sorted(KV_CACHE_TYPES), default="f16",
                    help="KV cache type for K (default f16)")
     p.add_argument("-ctv", "--cache-type-v", choices=sorted(KV_CACHE_TYPES), default="f16",
                    help="KV cache type for V (default f16; quantized V needs flash attention)")
+    p.add_argument("--no-exact", action="store_true",
+                   help="leave exact mode: trees of any size on any device; the output may differ from plain decoding "
+                        "at near-ties (a GPU computes no batch bit for bit as one-token decodes, so there exact mode "
+                        "decodes plainly)")
 
 
 def numerics_kwargs(args) -> dict:
     """``add_numerics_args``'s flags as Medusa/Engine keyword arguments."""
     return dict(flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                type_k=KV_CACHE_TYPES[args.cache_type_k], type_v=KV_CACHE_TYPES[args.cache_type_v])
+                type_k=KV_CACHE_TYPES[args.cache_type_k], type_v=KV_CACHE_TYPES[args.cache_type_v], exact=not args.no_exact)
 
 
 def _add_generate(sub):

@@ -228,6 +228,11 @@ class Engine:
             if self.exact and not on_gpu else n_threads
         self._n_threads_single = n_threads  # what the context has now (see _threads_for)
         self.flash_attn = bool(self.ctx.flash_attn)
+        if self.exact and self.exact_batch < 2 and self.auto:
+            print(f"medusa-edge: on this device no batch of {self.model.description()} computes its rows bit for bit as "
+                  "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), so exact mode "
+                  "decodes plainly, without a tree; exact=False (--no-exact) lets Medusa run, with output that may "
+                  "differ from plain decoding at near-ties.", file=sys.stderr)
         if self.exact and self.exact_batch < 2 and self.tree.n_nodes > 1:
             print(f"medusa-edge: on this device no batch of {self.model.description()} computes its rows bit for bit as "
                   "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), so Medusa's output "

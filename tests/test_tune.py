@@ -174,3 +174,14 @@ def test_auto_corrects_costs_the_measurement_got_wrong(models, tmp_path, monkeyp
         assert got == ref
     assert len(e.live_costs.plain) >= 3 and e.live_costs.factor() > 2.0
     assert e.plan.n_nodes < before
+
+
+def test_exact_mode_without_an_exact_batch_says_it_decodes_plainly(models, tmp_path, monkeypatch, capsys):
+    """f32 weights have no exact batch on the CPU (as a GPU has none): auto then plans no tree and
+    says so, naming the way out; exact=False plans one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, flash_attn=False)
+    assert e.exact_batch == 1 and e.tree.n_nodes == 1 and e.max_auto_nodes == 1
+    assert "decodes plainly" in capsys.readouterr().err
+    free = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, flash_attn=False, exact=False)
+    assert free.max_auto_nodes == 64 and "decodes plainly" not in capsys.readouterr().err
