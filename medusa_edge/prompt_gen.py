@@ -229,33 +229,51 @@ TEMPLATES_MORE = {
 }
 
 
-def _generate_more(n: int, seed: int, split: str, pools: dict) -> list:
-    """``n`` prompts of the second set of kinds, in turn; a prefix of any longer list."""
-    rng = random.Random(f"{seed}:{split}:more")
-    kinds = sorted(TEMPLATES_MORE)
+def _draw(n: int, rng: random.Random, templates: dict, fields) -> list:
+    """``n`` distinct prompts from ``templates``, the kinds in turn, then at random once some have
+    run out of distinct prompts; ``fields(rng)`` fills a template. Never depends on ``n``, so a
+    list is a prefix of any longer one."""
+    kinds = sorted(templates)
     out, seen = [], set()
     attempts = 0
     while len(out) < n and attempts < 50 * n + 100:
         attempts += 1
         kind = kinds[len(out) % len(kinds)] if attempts <= ROUND_ROBIN_DRAWS else rng.choice(kinds)
-        tmpl = rng.choice(TEMPLATES_MORE[kind])
-        p1, p2, p3 = rng.sample(PEOPLE, 3)
-        pl, pl2 = rng.sample(pools["p"], 2) if len(pools["p"]) >= 2 else (pools["p"] * 2)[:2]
-        a0, step = rng.randint(1, 9), rng.randint(2, 5)
-        seq = rng.choice([[a0 + i * step for i in range(4)], [a0 * step ** i for i in range(4)], [(a0 + i) ** 2 for i in range(4)]])
-        h = rng.randint(2, 12)
-        fields = dict(
-            t=rng.choice(pools["t"]), a=rng.choice(AUDIENCES), c=rng.choice(pools["c"]), p=pl, p2=pl2, j=rng.choice(JOBS),
-            P1=p1, P2=p2, P3=p3, x=rng.randint(10, 500), y=rng.randint(10, 500), z=rng.randint(1, 9), h=h,
-            yr=rng.randint(1950, 2024), r=rng.choice(PRODUCTS), st=rng.randint(1, 5), d1=f"{rng.randint(1, 28)} March",
-            d2=f"{rng.randint(1, 28)} April", s1=seq[0], s2=seq[1], s3=seq[2], s4=seq[3], hh=rng.randint(7, 18),
-            m=rng.choice([15, 30, 45, 50, 75, 90, 120]), age=h + rng.randint(5, 30), k2=rng.choice(CONSTRAINTS),
-        )
-        text = tmpl.format(**fields)
+        tmpl = rng.choice(templates[kind])
+        text = tmpl.format(**fields(rng))
         if text not in seen:
             seen.add(text)
             out.append(text)
     return out
+
+
+def _fields(rng: random.Random, pools: dict) -> dict:
+    """What the first set's templates take."""
+    t, u, t2 = rng.sample(pools["t"], 3) if len(pools["t"]) >= 3 else (pools["t"] * 3)[:3]
+    x = rng.choice([rng.randint(2, 99), rng.randint(100, 999), rng.randint(1000, 20000)])
+    return dict(
+        t=t, T=t[:1].upper() + t[1:], u=u, t2=t2, a=rng.choice(AUDIENCES), n=rng.choice([3, 4, 5, 7, 10]),
+        w=rng.choice(WRITE_KINDS), p=rng.choice(pools["p"]), c=rng.choice(pools["c"]), l=rng.choice(LANGS),
+        k=rng.choice(pools["k"]), e=rng.choice(pools["e"]), v=rng.choice(pools["v"]), x=x,
+        y=rng.randint(2, 500), z=rng.randint(1, 99), h=rng.randint(2, 12), pc=rng.choice([5, 10, 15, 20, 25, 30, 40, 50, 75]),
+        a1=rng.randint(2, 12), b1=rng.randint(1, 50), c1=rng.randint(51, 200), sq=rng.randint(2, 30) ** 2,
+    )
+
+
+def _fields_more(rng: random.Random, pools: dict) -> dict:
+    """What the second set's templates take."""
+    p1, p2, p3 = rng.sample(PEOPLE, 3)
+    pl, pl2 = rng.sample(pools["p"], 2) if len(pools["p"]) >= 2 else (pools["p"] * 2)[:2]
+    a0, step = rng.randint(1, 9), rng.randint(2, 5)
+    seq = rng.choice([[a0 + i * step for i in range(4)], [a0 * step ** i for i in range(4)], [(a0 + i) ** 2 for i in range(4)]])
+    h = rng.randint(2, 12)
+    return dict(
+        t=rng.choice(pools["t"]), a=rng.choice(AUDIENCES), c=rng.choice(pools["c"]), p=pl, p2=pl2, j=rng.choice(JOBS),
+        P1=p1, P2=p2, P3=p3, x=rng.randint(10, 500), y=rng.randint(10, 500), z=rng.randint(1, 9), h=h,
+        yr=rng.randint(1950, 2024), r=rng.choice(PRODUCTS), st=rng.randint(1, 5), d1=f"{rng.randint(1, 28)} March",
+        d2=f"{rng.randint(1, 28)} April", s1=seq[0], s2=seq[1], s3=seq[2], s4=seq[3], hh=rng.randint(7, 18),
+        m=rng.choice([15, 30, 45, 50, 75, 90, 120]), age=h + rng.randint(5, 30), k2=rng.choice(CONSTRAINTS),
+    )
 
 
 def _split_of(text: str, heldout_frac: float) -> str:
@@ -283,31 +301,13 @@ def generate(n: int, seed: int = 0, split: str = "train", heldout_frac: float = 
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     if n < 0 or n_more < 0:
         raise ValueError("n and n_more must be >= 0")
-    rng = random.Random(f"{seed}:{split}")
     pools = _pools(split, heldout_frac)
-    kinds = sorted(TEMPLATES)
-    out, seen = [], set()
-    attempts = 0
-    while len(out) < n and attempts < 50 * n + 100:
-        attempts += 1
-        # kinds in turn, then at random once some have run out of distinct prompts; never depends
-        # on n, so generate(n) is a prefix of generate(m) for m > n
-        kind = kinds[len(out) % len(kinds)] if attempts <= ROUND_ROBIN_DRAWS else rng.choice(kinds)
-        tmpl = rng.choice(TEMPLATES[kind])
-        t, u, t2 = rng.sample(pools["t"], 3) if len(pools["t"]) >= 3 else (pools["t"] * 3)[:3]
-        x = rng.choice([rng.randint(2, 99), rng.randint(100, 999), rng.randint(1000, 20000)])
-        fields = dict(
-            t=t, T=t[:1].upper() + t[1:], u=u, t2=t2, a=rng.choice(AUDIENCES), n=rng.choice([3, 4, 5, 7, 10]),
-            w=rng.choice(WRITE_KINDS), p=rng.choice(pools["p"]), c=rng.choice(pools["c"]), l=rng.choice(LANGS),
-            k=rng.choice(pools["k"]), e=rng.choice(pools["e"]), v=rng.choice(pools["v"]), x=x,
-            y=rng.randint(2, 500), z=rng.randint(1, 99), h=rng.randint(2, 12), pc=rng.choice([5, 10, 15, 20, 25, 30, 40, 50, 75]),
-            a1=rng.randint(2, 12), b1=rng.randint(1, 50), c1=rng.randint(51, 200), sq=rng.randint(2, 30) ** 2,
-        )
-        text = tmpl.format(**fields)
-        if text not in seen:
-            seen.add(text)
-            out.append(text)
-    more = [t for t in _generate_more(n_more + len(seen), seed, split, pools) if t not in seen][:n_more] if n_more else []
+    out = _draw(n, random.Random(f"{seed}:{split}"), TEMPLATES, lambda rng: _fields(rng, pools))
+    # the second set's own stream, drawn as if alone, less any prompt the first set has
+    seen = set(out)
+    more = _draw(n_more + len(seen), random.Random(f"{seed}:{split}:more"), TEMPLATES_MORE,
+                 lambda rng: _fields_more(rng, pools)) if n_more else []
+    more = [t for t in more if t not in seen][:n_more]
     return out + more
 
 
@@ -324,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-heldout", type=int, default=200, help="held-out prompts (default 200)")
     p.add_argument("--heldout-frac", type=float, default=0.1, help="share of topics reserved for the held-out split (default 0.1)")
     args = p.parse_args(argv)
+    if min(args.n, args.n_more, args.n_heldout) < 0 or not 0.0 <= args.heldout_frac < 1.0:
+        p.error("-n, --n-more and --n-heldout must be >= 0, and --heldout-frac in [0, 1)")
 
     def write(path, prompts):
         f = sys.stdout if path == "-" else open(path, "w", encoding="utf-8")

@@ -40,6 +40,9 @@ def test_bad_arguments_are_refused():
         pg.generate(10, split="test")
     with pytest.raises(ValueError):
         pg.generate(10, n_more=-1)
+    with pytest.raises(SystemExit) as e:  # the CLI: argparse's usage error, not a traceback
+        pg.main(["--n-more", "-3"])
+    assert e.value.code == 2
 
 
 def test_cli_writes_both_splits_in_proportion(tmp_path):
