@@ -7,7 +7,9 @@ the base itself, run through the engine (plain decoding, ``tree="chain:0"``), co
 prompt; its post-final-norm hidden states and its own next tokens are the training data, so
 nothing but the user's GGUF and a list of prompts is needed. Head i (0-based) at a position
 learns the token 2+i places ahead (the base's own logits give +1), with cross-entropy weighted
-``decay**i`` (the paper's lambda_k = 0.8^k). Each head is ``W_out_i (x + SiLU(W_i x + b_i))``
+``decay**i`` (the paper's lambda_k = 0.8^k); ``--soft-targets W`` moves weight W of each head's
+loss onto the base's whole distribution at the target position (``W_out h`` of the cached hidden
+state there). Each head is ``W_out_i (x + SiLU(W_i x + b_i))``
 (``--layers`` ResBlocks), W_i zero-initialised and W_out_i initialised from the base's output
 matrix read from the GGUF (``output.weight``, or ``token_embd.weight`` when tied).
 
@@ -615,16 +617,25 @@ def make_targets(tokens: np.ndarray, lengths: np.ndarray, n_heads: int) -> np.nd
     return tgt
 
 
-def heads_loss(logits, targets, weights):
-    """sum_i weights[i] * CE(head i); also the per-head losses (list of floats)."""
+def heads_loss(logits, targets, weights, teacher=None, soft: float = 0.0):
+    """sum_i weights[i] * loss(head i); also the per-head losses (list of floats).
+
+    loss(head i) = (1 - soft) * CE(head i, the base's token) + soft * CE(head i, the base's
+    distribution), where ``teacher[i]`` holds the base's logits at the target positions (rows
+    without a target are ignored). ``soft=0`` is the reference's hard-label loss."""
     torch = _torch()
     F = torch.nn.functional
     total = 0.0
     per = []
     for i in range(logits.shape[0]):
         t = targets[:, i]
-        if bool((t >= 0).any()):
-            li = F.cross_entropy(logits[i].float(), t, ignore_index=-100)
+        m = t >= 0
+        if bool(m.any()):
+            li = F.cross_entropy(logits[i].float(), t, ignore_index=-100) if soft < 1.0 else 0.0
+            if soft > 0.0:
+                p = torch.softmax(teacher[i][m].float(), -1)
+                ls = -(p * torch.log_softmax(logits[i][m].float(), -1)).sum(-1).mean()
+                li = (1.0 - soft) * li + soft * ls
         else:
             li = logits[i].sum() * 0.0
         total = total + weights[i] * li
@@ -806,6 +817,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps, then cosine (default 0.05)")
     g.add_argument("--decay", type=float, default=0.8, help="head i's loss weight is decay**i (paper: 0.8)")
+    g.add_argument("--soft-targets", type=float, default=0.0, metavar="W",
+                   help="weight of the distillation term: each head also learns the base's whole distribution at "
+                        "its target position (computed from the cached hidden states), 1-W stays on the base's "
+                        "token (default 0: the reference's hard labels)")
     g.add_argument("--val-frac", type=float, default=0.1, help="fraction of prompts held out (default 0.1)")
     g.add_argument("--train-frac", type=float, default=1.0,
                    help="train on this share of the training sequences (default 1: all; to see what more data buys)")
@@ -848,6 +863,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
     torch = _torch()
     from tqdm import tqdm
 
+    if not 0.0 <= args.soft_targets <= 1.0:
+        raise ValueError(f"--soft-targets must be between 0 and 1, not {args.soft_targets}")
     t_start = time.perf_counter()
     out_stem = args.output[:-5] if args.output.endswith(".gguf") else args.output
     cache_dir = args.cache or out_stem + ".data"
@@ -913,6 +930,10 @@ def train(args: argparse.Namespace, log=print) -> dict:
         raise ValueError(f"{args.base}: output matrix is {w_out.shape}, expected {(base.n_vocab, base.n_embd)}")
     w_embd = read_output_matrix(args.base, embedding=True) if args.root_input else None
     model = build_heads(K, args.layers, w_out, args.shared_output, args.seed, w_embd).to(device)
+    # the base's output matrix, for the soft targets' teacher logits (the heads' own copy when shared)
+    w_teacher = None
+    if args.soft_targets > 0:
+        w_teacher = model.w_shared if args.shared_output else torch.tensor(w_out).to(device)
     del w_out, w_embd
     weights = [args.decay ** i for i in range(K)]
     steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * len(train_rows) / args.batch))
@@ -920,7 +941,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, warmup))
     config = {"heads": K, "layers": args.layers, "shared_output": args.shared_output, "root_input": args.root_input, "steps": steps,
-              "batch": args.batch, "lr": args.lr, "decay": args.decay, "seed": args.seed, "data": identity,
+              "batch": args.batch, "lr": args.lr, "decay": args.decay, "soft_targets": args.soft_targets, "seed": args.seed, "data": identity,
               "n_prompts": len(prompts),
               "train_frac": args.train_frac}
     step = 0
@@ -969,9 +990,14 @@ def train(args: argparse.Namespace, log=print) -> dict:
         pos += args.batch
         h = torch.from_numpy(hidden.take(rows)).to(device)
         t = torch.from_numpy(targets[rows]).to(device)
+        teacher = None
+        if w_teacher is not None:  # the base's logits at each head's target position: W_out h[row + 1 + i]
+            with torch.no_grad(), amp:
+                teacher = [torch.from_numpy(hidden.take(np.where(targets[rows, i] >= 0, rows + 1 + i, rows))).to(device)
+                           @ w_teacher.t() for i in range(K)]
         with amp:
             logits = model(h, torch.from_numpy(tokens[rows].astype(np.int64)).to(device))
-        loss, per = heads_loss(logits, t, weights)
+        loss, per = heads_loss(logits, t, weights, teacher, args.soft_targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1018,7 +1044,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "cache_mb": round(sum(os.path.getsize(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir)) / 1e6, 1),
         "generation_tok_s": cache.meta.get("generation_tok_s"), "precision": args.precision,
         "heads": K, "layers": args.layers, "shared_output": args.shared_output, "root_input": args.root_input,
-        "history": history,
+        "soft_targets": args.soft_targets, "history": history,
         "sequences": int(S), "positions": int(len(tokens)), "train_positions": int(len(train_rows)),
         "heldout_positions": int(len(val_rows)), "steps": step, "device": device,
         "time_data_s": round(t_data, 2), "time_train_s": round(t_train, 2),

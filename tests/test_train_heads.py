@@ -377,3 +377,43 @@ def test_root_input_off_writes_reference_heads(trained, tmp_path):
                    "--cache", str(trained["out"])[:-5] + ".data"), log=lambda *a: None)
     info = read_heads_info(out)
     assert not info["root_input"] and info["schema_version"] == 1
+
+
+def test_soft_target_loss_by_hand():
+    """--soft-targets W: (1-W) * CE(base's token) + W * CE(base's distribution), rows without a
+    target ignored; W=0 is the hard-label loss unchanged."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=g)  # [heads, rows, vocab]
+    teacher = [torch.randn(3, 5, generator=g) * 3 for _ in range(2)]
+    targets = torch.tensor([[1, 4], [2, -100], [0, 3]])
+    w = [1.0, 0.8]
+
+    def by_hand(i, soft):
+        rows = [r for r in range(3) if targets[r, i] >= 0]
+        hard = sum(-float(torch.log_softmax(logits[i, r], -1)[targets[r, i]]) for r in rows) / len(rows)
+        sft = sum(-float((torch.softmax(teacher[i][r], -1) * torch.log_softmax(logits[i, r], -1)).sum()) for r in rows) / len(rows)
+        return (1 - soft) * hard + soft * sft
+
+    for soft in (0.0, 0.5, 1.0):
+        total, per = th.heads_loss(logits, targets, w, teacher, soft)
+        assert per == pytest.approx([by_hand(0, soft), by_hand(1, soft)], rel=1e-5)
+        assert float(total) == pytest.approx(w[0] * per[0] + w[1] * per[1], rel=1e-5)
+    # the teacher matters only when soft > 0
+    assert th.heads_loss(logits, targets, w, teacher, 0.5)[1] != th.heads_loss(logits, targets, w, [t * 0 for t in teacher], 0.5)[1]
+    assert th.heads_loss(logits, targets, w)[1] == pytest.approx(th.heads_loss(logits, targets, w, [t * 0 for t in teacher], 0.0)[1])
+
+
+def test_soft_targets_train_and_are_checked(trained, tmp_path):
+    """A run with --soft-targets learns (held-out loss falls) and records the setting; a weight
+    outside [0, 1] is refused before any work."""
+    out = str(tmp_path / "soft.medusa.gguf")
+    cache = str(trained["out"])[:-5] + ".data"
+    s = th.train(_args(trained["base"].path, trained["data"], out, "--steps", "40", "--cache", cache, "--shared-output",
+                       "--soft-targets", "1"), log=lambda *a: None)
+    assert s["soft_targets"] == 1.0
+    assert s["heldout_loss_after"] < 0.8 * s["heldout_loss_before"]
+    with pytest.raises(ValueError, match="--soft-targets"):
+        th.train(_args(trained["base"].path, trained["data"], str(tmp_path / "x.medusa.gguf"), "--steps", "1",
+                       "--cache", cache, "--soft-targets", "1.5"), log=lambda *a: None)
