@@ -116,3 +116,25 @@ def test_random_gguf_of_given_shapes_loads_and_decodes(tmp_path, qtype):
     assert e.model.n_embd == 256 and e.model.n_vocab == 1024
     out = [t for ts in e.generate([1, 5, 9], SamplingParams(), 8) for t in ts]
     assert len(out) == 8 and all(0 <= t < 1024 for t in out)
+
+
+def test_backend_sampling_gives_tree_rows_the_host_argmax(tmp_path):
+    """bench/backend_argmax.py: with a greedy sampler chain on every seq id, llama.cpp's backend
+    sampling gives each row of a 7-row tree (rows carrying seq-id sets) the host's argmax, on this
+    machine's backend; the default per-seq output limit is 1 (the script raises it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from medusa_edge.testing import write_llama_gguf
+
+    base = write_llama_gguf(str(tmp_path / "r.gguf"), seed=3, vocab_size=1024)
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "backend_argmax.py")
+    p = subprocess.run([sys.executable, script, base.path, "--reps", "2", "--threads", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    print("\n", res)
+    assert res["equal"] and len(set(res["host_argmax"])) >= 3  # distinct rows, so equality means something
+    assert res["default_n_outputs_max_per_seq"] == 1
