@@ -14,8 +14,8 @@ llama-cpp-python 0.3.36 vendors, through its low-level API (not the engine):
 
 Prints one JSON object. Exit status 1 when a row's backend token differs from the host argmax.
 ``n_outputs_max_per_seq`` defaults to 1 in this version, and a tree decode with samplers then
-fails (a seq id carried by several output rows); the script sets it to 16, a context parameter
-llama-cpp-python's ``Llama`` does not expose.
+fails (a seq id carried by several output rows); the script sets it to 16 (a context parameter
+llama-cpp-python's ``Llama`` does not expose; the engine's native context could).
 """
 
 from __future__ import annotations
