@@ -941,9 +941,11 @@ def train(args: argparse.Namespace, log=print) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, warmup))
     config = {"heads": K, "layers": args.layers, "shared_output": args.shared_output, "root_input": args.root_input, "steps": steps,
-              "batch": args.batch, "lr": args.lr, "decay": args.decay, "soft_targets": args.soft_targets, "seed": args.seed, "data": identity,
+              "batch": args.batch, "lr": args.lr, "decay": args.decay, "seed": args.seed, "data": identity,
               "n_prompts": len(prompts),
               "train_frac": args.train_frac}
+    if args.soft_targets:  # only then, so checkpoints from before the option still resume
+        config["soft_targets"] = args.soft_targets
     step = 0
     perm_rng = np.random.default_rng(args.seed + 1)
     resume_order = None
