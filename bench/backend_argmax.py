@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     def row(i) -> np.ndarray:
         return np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), (n_vocab,))
 
-    tree = [(tok, n + d, seqs, True) for tok, d, seqs in TREE]
+    tree = [(tok % n_vocab, n + d, seqs, True) for tok, d, seqs in TREE]  # any vocabulary size
 
     def drop_tree() -> None:
         for s in range(N_SEQ):
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             ts.append(time.perf_counter() - t)
         return 1e3 * float(np.median(ts))
 
-    decode([(t, p, list(range(N_SEQ)), p == n - 1) for p, t in enumerate(PROMPT)])
+    decode([(t % n_vocab, p, list(range(N_SEQ)), p == n - 1) for p, t in enumerate(PROMPT)])
     decode(tree)
     logits = [row(i).copy() for i in range(len(tree))]
     host = [int(np.argmax(r)) for r in logits]

@@ -170,7 +170,7 @@ gpu_tests() {
   python -m pytest -q -s tests/test_gpu.py 2>&1 | tee "$out/tests.log" >&2 || true
   say "backend sampling on the GPU: does each tree row's device argmax equal the host's?"
   python -c "from medusa_edge.testing import write_llama_gguf as w; w('/tmp/medusa-edge-r.gguf', seed=3, vocab_size=1024)" &&
-    python bench/backend_argmax.py /tmp/medusa-edge-r.gguf -ngl 99 2>/dev/null | tee "$out/backend_argmax.json" >&2 || true
+    python bench/backend_argmax.py /tmp/medusa-edge-r.gguf -ngl 99 2>"$out/backend_argmax.log" | tee "$out/backend_argmax.json" >&2 || true
 }
 
 prompt_args() {

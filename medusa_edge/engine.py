@@ -228,15 +228,13 @@ class Engine:
             if self.exact and not on_gpu else n_threads
         self._n_threads_single = n_threads  # what the context has now (see _threads_for)
         self.flash_attn = bool(self.ctx.flash_attn)
-        if self.exact and self.exact_batch < 2 and self.auto:
+        if self.exact and self.exact_batch < 2 and (self.auto or self.tree.n_nodes > 1):
+            then = ("so exact mode decodes plainly, without a tree; exact=False (--no-exact) lets Medusa run, with "
+                    "output that may differ from plain decoding at near-ties." if self.auto else
+                    "so Medusa's output may differ from plain decoding at near-ties; `medusa-edge verify` measures how often.")
             print(f"medusa-edge: on this device no batch of {self.model.description()} computes its rows bit for bit as "
-                  "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), so exact mode "
-                  "decodes plainly, without a tree; exact=False (--no-exact) lets Medusa run, with output that may "
-                  "differ from plain decoding at near-ties.", file=sys.stderr)
-        if self.exact and self.exact_batch < 2 and self.tree.n_nodes > 1:
-            print(f"medusa-edge: on this device no batch of {self.model.description()} computes its rows bit for bit as "
-                  "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), so Medusa's output "
-                  "may differ from plain decoding at near-ties; `medusa-edge verify` measures how often.", file=sys.stderr)
+                  "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), " + then,
+                  file=sys.stderr)
         # Tokens whose K/V sit at positions 0..len-1 of every sequence: the prefix a next call may
         # reuse, valid while the context's epoch is the one recorded (nobody else edited the cache).
         self._kv_tokens: list[int] = []
