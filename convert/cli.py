@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HEADS",
         nargs="?",
         help="the Medusa heads: a Medusa-1 heads dir (config.json + medusa_lm_head.pt or .safetensors), "
+        "a vLLM Medusa dir (config.json with model_type medusa + model.safetensors), "
         "a Medusa-2 full checkpoint dir (medusa_head.* tensors), or a Hugging Face repo id / preset in the "
         f"local cache, e.g. FasterDecoding/medusa-vicuna-7b-v1.3 ({', '.join(HEADS_PRESETS)})",
     )
@@ -192,6 +193,7 @@ def _run(args) -> int:
 
     # -- tree ---------------------------------------------------------------------------------
     hint = " ".join(x for x in (heads.base_name_hint, name, str(heads_repo or ""), str(heads_path.name)) if x).lower()
+    stored_tree = _exported_tree(heads, Tree, TreeError)  # paths as medusa-edge export stored them, or None
     if args.tree:
         try:
             tree = Tree.resolve(args.tree)
@@ -200,6 +202,9 @@ def _run(args) -> int:
         if tree.max_depth > heads.n_heads:
             raise ConvertError(f"--tree {args.tree}: depth {tree.max_depth} needs {tree.max_depth} heads, {heads.label} has {heads.n_heads}")
         tree_name = args.tree
+    elif stored_tree is not None:
+        tree = Tree.from_paths(stored_tree)
+        tree_name = "the tree stored by medusa-edge export"
     else:
         tree_name = "mc_sim_7b_63"
         if "zephyr" in hint:
@@ -248,11 +253,18 @@ def _run(args) -> int:
             created.append(base_out)
         if heads.shared_output and lm_head_vocab != base_info.n_vocab:  # pragma: no cover - defensive
             raise ConvertError(f"{base_out}: lm_head size does not match the vocabulary")
+        if heads.shared_hint is not None:
+            # copies of the base's own output matrix become shared-output heads again (a few MB, not V x H per head)
+            if heads.match_base_output(base_out):
+                heads.use_shared_output()
+            else:
+                warn(f"{heads.shared_hint}, but the output matrices differ from {base_out.name}'s: keeping them per head")
 
         # heads
         head_tensors = heads.stream_tensors(args.heads_type)
+        paths = stored_tree if stored_tree is not None and not args.tree else [list(p) for p in tree.paths]
         meta = HeadsMeta(heads.n_heads, heads.n_layers, heads.n_embd, base_info.n_vocab, heads.shared_output,
-                         [list(p) for p in tree.paths], base_info.vocab_hash)
+                         paths, base_info.vocab_hash, _exported_rank_accuracy(heads))
         cb = progress(heads_out.name, sum(t.nbytes for t in head_tensors))
         write_heads_gguf_streaming(str(heads_out), meta, head_tensors, args.heads_type, cb)
         created.append(heads_out)
@@ -278,6 +290,40 @@ def _run(args) -> int:
 
         return run_check(base_out, heads_out, prompt=args.check_prompt, n_threads=args.threads)
     return 0
+
+
+def _exported_tree(heads, Tree, TreeError) -> Optional[list]:
+    """The tree in the ``medusa_edge`` section of an exported config.json, as stored (its order
+    kept), when it is a valid tree for these heads; else None (the preset choice applies)."""
+    paths = heads.exported.get("tree")
+    if paths is None:
+        return None
+    from .heads import warn
+
+    try:
+        t = Tree.from_paths(paths)
+    except (TreeError, TypeError) as e:
+        warn(f"{heads.label}: ignoring the stored tree ({e})")
+        return None
+    if t.max_depth > heads.n_heads:
+        warn(f"{heads.label}: ignoring the stored tree: depth {t.max_depth} needs more than {heads.n_heads} heads")
+        return None
+    return [[int(r) for r in p] for p in paths]
+
+
+def _exported_rank_accuracy(heads) -> Optional[list]:
+    """Per-head rank accuracies from an exported config.json, when they fit these heads."""
+    acc = heads.exported.get("rank_accuracy")
+    if acc is None:
+        return None
+    ok = (isinstance(acc, list) and len(acc) == heads.n_heads
+          and all(isinstance(r, list) and r and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in r) for r in acc))
+    if not ok:
+        from .heads import warn
+
+        warn(f"{heads.label}: ignoring the stored rank accuracies (not [{heads.n_heads}][k] values in [0, 1])")
+        return None
+    return acc
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

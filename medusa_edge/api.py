@@ -110,8 +110,12 @@ class Medusa:
     a JSON file or a list of paths, ``"heads"`` for the heads file's own, or ``"auto"`` (the
     default with heads): the tree planned for this device (docs/design.md section 8).
     ``flash_attn`` (None: llama.cpp's auto), ``type_k``/``type_v`` (KV cache ggml types, e.g.
-    ``llama_cpp.GGML_TYPE_Q8_0``; default F16) are llama-cpp-python's. ``exact`` (default) keeps
-    every output equal to plain decoding's with the same settings (docs/design.md section 5).
+    ``llama_cpp.GGML_TYPE_Q8_0``; default F16) are llama-cpp-python's. ``exact``: "auto" (default)
+    keeps every output equal to plain decoding's with the same settings where the device has an
+    exact region (CPUs with flash attention and quantized weights), and elsewhere (GPUs, F16/F32
+    weights) runs Medusa with per-row verification, whose text may differ at near-ties; True keeps
+    the text bit-identical everywhere (plain decoding where no region exists); False leaves exact
+    mode. ``create_*``'s ``medusa["exact"]`` says which holds (docs/design.md section 5).
     """
 
     def __init__(
@@ -129,7 +133,7 @@ class Medusa:
         flash_attn: Optional[bool] = None,
         type_k: Optional[int] = None,
         type_v: Optional[int] = None,
-        exact: bool = True,
+        exact: "bool | str" = "auto",
         chat_format: Optional[str] = None,
         verbose: bool = False,
     ):

@@ -328,8 +328,10 @@ def main(argv=None) -> int:
     try:
         prompts = load_prompts(path)[: args.num_prompts]
         profile = load_profile(args.replay) if args.replay else None
+        # replay: a fixed tree (never run: plain decoding is max_depth=0), so this engine's one-token
+        # decodes keep the threads exact mode gives them beside trees, as the replayed engines' do
         llm = Medusa(args.model, args.heads, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     tree=None if not args.replay else "chain:0", **numerics_kwargs(args))
+                     tree=None if not args.replay else "chain:1", **numerics_kwargs(args))
     except (MedusaError, ValueError, TypeError, OSError) as e:
         print(f"medusa-edge bench: error: {e}", file=sys.stderr)
         return 1
@@ -353,11 +355,13 @@ def main(argv=None) -> int:
         key = tune.cache_key(f"replay|{eng.model_path}|{eng.n_threads_batch}|{eng.flash_attn}|{eng.ctx.type_k}|{eng.ctx.type_v}",
                              None, eng.max_auto_nodes,
                              eng.ctx.n_ctx)
-        costs, _ = tune.cached_costs(key, lambda: tune.measure_costs(eng.ctx, native, m, eng.heads, max_batch=eng.max_auto_nodes,
-                                                                     n_threads=eng.n_threads, n_threads_long=eng.n_threads_long))
         prof = np.zeros((len(profile), tune.MAX_RANK))
         for i, r in enumerate(profile):
             prof[i, : min(len(r), tune.MAX_RANK)] = r[: tune.MAX_RANK]
+        shape_of = tune.planned_shapes(native, prof, len(profile), min(eng.max_auto_leaves, eng.ctx.n_seq_max))
+        costs, _ = tune.cached_costs(key, lambda: tune.measure_costs(eng.ctx, native, m, eng.heads, max_batch=eng.max_auto_nodes,
+                                                                     n_threads=eng.n_threads, n_threads_long=eng.n_threads_long,
+                                                                     shape_of=shape_of))
         plan = tune.plan(prof, costs, eng.max_auto_nodes, max_leaves=eng.max_auto_leaves)
         plan_long = tune.plan(prof, costs, eng.max_auto_nodes, max_leaves=eng.max_auto_leaves, long_context=True) \
             if eng.n_threads_long != eng.n_threads else plan

@@ -4,6 +4,7 @@
     medusa-edge trees
     medusa-edge verify [MODEL] [--heads FILE] [--prompts FILE.jsonl] [-n N] ...
     medusa-edge serve [MODEL] [--host H] [--port P] [--api-key KEY] [--queue N] ...
+    medusa-edge export HEADS.gguf OUT_DIR [--layout faster-medusa|vllm|all] [--base MODEL.gguf]
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ def add_numerics_args(p) -> None:
                    help="KV cache type for K (default f16)")
     p.add_argument("-ctv", "--cache-type-v", choices=sorted(KV_CACHE_TYPES), default="f16",
                    help="KV cache type for V (default f16; quantized V needs flash attention)")
-    p.add_argument("--no-exact", action="store_true",
-                   help="leave exact mode: trees of any size on any device; the output may differ from plain decoding "
-                        "at near-ties (a GPU computes no batch bit for bit as one-token decodes, so there exact mode "
-                        "decodes plainly)")
+    p.add_argument("--exact", choices=("auto", "strict", "off"), default="auto",
+                   help="auto (default): output bit-identical to plain decoding where the device computes batched rows "
+                        "as one-token decodes (CPUs with flash attention, quantized weights), elsewhere (GPUs, F16/F32 "
+                        "weights) Medusa with each token verified at its row, whose text may differ at near-ties; "
+                        "strict: bit-identical everywhere (plain decoding where no batch is exact); off: trees of any "
+                        "size on any device")
+    p.add_argument("--no-exact", action="store_true", help="the same as --exact off")
 
 
 def numerics_kwargs(args) -> dict:
     """``add_numerics_args``'s flags as Medusa/Engine keyword arguments."""
     return dict(flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                type_k=KV_CACHE_TYPES[args.cache_type_k], type_v=KV_CACHE_TYPES[args.cache_type_v], exact=not args.no_exact)
+                type_k=KV_CACHE_TYPES[args.cache_type_k], type_v=KV_CACHE_TYPES[args.cache_type_v],
+                exact=False if args.no_exact else {"auto": "auto", "strict": True, "off": False}[args.exact])
 
 
 def _add_generate(sub):
@@ -143,8 +148,27 @@ def _add_serve(sub):
                    "chain:N or a JSON file")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every /v1 request")
     s.add_argument("--queue", type=int, default=16, help="requests that may wait while one runs (default 16)")
+    s.add_argument("--cors-origins", action="append", default=[], metavar="ORIGINS",
+                   help="browser origins allowed besides http(s)://localhost, 127.0.0.1 and [::1] on any port, "
+                   "comma-separated (e.g. https://app.example.com; their host names are also served as Host); '*' "
+                   "allows every origin. Others get 403")
+    s.add_argument("--allowed-hosts", action="append", default=[], metavar="NAMES",
+                   help="Host header names served besides loopback names, the --host address and the --cors-origins "
+                   "names, comma-separated (e.g. behind a reverse proxy); '*' allows every name. Others get 403 "
+                   "(DNS rebinding)")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request body in bytes; larger gets 413 (default 4194304: 4 MiB)")
+    s.add_argument("--max-header-bytes", type=int, default=16 * 1024,
+                   help="largest request line plus headers in bytes; larger gets 431 (default 16384)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request's headers to arrive; then the connection is closed (default 10)")
+    s.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds for a request's body to arrive; then 408 and the connection is closed (default 10)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt in tokens; longer gets 400 context_length_exceeded, huge texts before "
+                   "tokenizing (default: the context size)")
     s.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=2048, help="context size in tokens (default 2048)")
     s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
@@ -159,16 +183,28 @@ def _serve(args) -> int:
     except ImportError as e:
         print(f"medusa-edge: error: the server needs its extra ({e}): pip install 'medusa-edge[server]'", file=sys.stderr)
         return 1
+    from .server import Limits
+
     if args.queue < 0:
         print("medusa-edge: error: --queue must be >= 0", file=sys.stderr)
         return 2
+    for flag, v in (("--max-body-bytes", args.max_body_bytes), ("--max-header-bytes", args.max_header_bytes),
+                    ("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout),
+                    ("--max-prompt-tokens", 1 if args.max_prompt_tokens is None else args.max_prompt_tokens)):
+        if not v > 0:
+            print(f"medusa-edge: error: {flag} must be > 0", file=sys.stderr)
+            return 2
+    limits = Limits(max_body_bytes=args.max_body_bytes, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                    max_header_bytes=args.max_header_bytes, max_prompt_tokens=args.max_prompt_tokens)
+    split = lambda values: [v.strip() for value in values for v in value.split(",") if v.strip()]  # noqa: E731
     try:
         llm = Medusa(args.model, args.heads, tree=args.tree, n_ctx=args.n_ctx, n_threads=args.threads,
                      n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
     except (MedusaError, TreeError) as e:
         print(f"medusa-edge: error: {e}", file=sys.stderr)
         return 1
-    serve(llm, args.host, args.port, queue_size=args.queue, api_key=args.api_key)
+    serve(llm, args.host, args.port, queue_size=args.queue, api_key=args.api_key, limits=limits,
+          cors_origins=split(args.cors_origins), allowed_hosts=split(args.allowed_hosts))
     return 0
 
 
@@ -198,8 +234,10 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="Medusa against plain decoding, llama-cpp-python and prompt lookup, side by side",
                    add_help=False)
     _add_serve(sub)
+    from . import export  # its parser and runner: medusa_edge/export.py
+    export.add_arguments(sub.add_parser("export", help="write the heads in the layouts vLLM, TGI and TensorRT-LLM load"))
     args = ap.parse_args(argv)
-    return {"generate": _generate, "trees": _trees, "serve": _serve}[args.cmd](args)
+    return {"generate": _generate, "trees": _trees, "serve": _serve, "export": export.run}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ class Stats:
     t_decode: float = 0.0  # llama_decode of the trees
     t_heads: float = 0.0
     t_total: float = 0.0
+    exact: str = "bitwise"  # Engine.guarantee: "bitwise" (equals plain decoding) or "verified"
 
     @property
     def tokens_per_step(self) -> float:
@@ -95,6 +96,7 @@ class Stats:
         gen_time = self.t_total - self.t_prefill
         return {
             "steps": self.steps,
+            "exact": self.exact,
             "prompt_tokens": self.n_prompt,
             "prompt_tokens_reused": self.n_prompt_reused,
             "generated_tokens": self.n_generated,
@@ -147,7 +149,7 @@ class Engine:
         flash_attn: Optional[bool] = None,
         type_k: Optional[int] = None,
         type_v: Optional[int] = None,
-        exact: bool = True,
+        exact: "bool | str" = "auto",
         top_k: int = 10,
         verbose: bool = False,
     ):
@@ -160,6 +162,7 @@ class Engine:
             raise ModelLoadError(f"model file {model_path}: no such file")
         n_threads = n_threads or max(1, (os.cpu_count() or 1))
         self.model_path = model_path
+        self.n_gpu_layers = n_gpu_layers
         self.heads_path = heads_path
         try:
             probe = load_model(model_path, vocab_only=True)  # pre-checks the file (gguf_check)
@@ -190,7 +193,12 @@ class Engine:
         # Exact mode: every decode stays inside the batch sizes measured bit-identical to
         # one-token decodes on this device (exactness.py): trees, and prompt micro-batches too
         # when the region is wide enough to prefill in (so a reused prefix equals a cold start).
-        self.exact = bool(exact)
+        # "auto" is exact mode where the device has an exact region of 2 rows or more, and
+        # otherwise (GPUs, F16/F32 weights) Medusa with trees of any size (see ``guarantee``).
+        if exact not in (True, False, "auto"):
+            raise ValueError(f"exact must be True, False or 'auto', got {exact!r}")
+        self.exact_setting = exact
+        self.exact = exact is not False
         self.exact_batch = 0  # 0: not measured (exact=False); 1: no exact region here
         # Threads: batches get all; so do one-token decodes, except in exact mode on the CPU once
         # the KV view reaches 512 cells (exactness.single_threads), where they get n_threads_long.
@@ -205,6 +213,8 @@ class Engine:
                 raise ModelLoadError(str(e)) from None
             if self.exact_batch >= 2:
                 self.tree = self.tree.prefix(self.exact_batch)
+            elif exact == "auto":
+                self.exact = False  # no exact region: verified rows are the guarantee
         # every prompt row computed as a one-token decode: chunking and prefix reuse change nothing
         self.exact_prefill = self.exact_batch >= self.MIN_EXACT_UBATCH
         n_ubatch = self.exact_batch if self.exact_prefill else 0
@@ -223,15 +233,22 @@ class Engine:
                                       n_ubatch, self.n_threads_batch, tk, tv)
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
-        split = exactness.kv_may_split(self.ctx.type_k, self.ctx.type_v)
-        self.n_threads_long = exactness.single_threads(n_threads, exactness.SPLIT_FREE_CELLS + 1, split) \
-            if self.exact and not on_gpu else n_threads
+        self._on_gpu = on_gpu
+        self._set_long_threads((self.auto and self.max_auto_nodes >= 2) or self.tree.n_nodes > 1)
         self._n_threads_single = n_threads  # what the context has now (see _threads_for)
         self.flash_attn = bool(self.ctx.flash_attn)
-        if self.exact and self.exact_batch < 2 and (self.auto or self.tree.n_nodes > 1):
-            then = ("so exact mode decodes plainly, without a tree; exact=False (--no-exact) lets Medusa run, with "
-                    "output that may differ from plain decoding at near-ties." if self.auto else
-                    "so Medusa's output may differ from plain decoding at near-ties; `medusa-edge verify` measures how often.")
+        medusa_on = self.auto or self.tree.n_nodes > 1
+        if self.exact_setting is not False and self.exact_batch < 2 and medusa_on:
+            if not self.exact:
+                then = ("so Medusa verifies its trees with the guarantee of other speculative decoders: every token is the "
+                        "base model's argmax (or seeded draw) at its verified row, and the text may differ from plain "
+                        "decoding at near-ties (`medusa-edge verify --no-exact` measures how often; exact=True "
+                        "(--exact strict) keeps the text bit-identical by decoding plainly).")
+            elif self.auto:
+                then = ("so exact mode decodes plainly, without a tree; exact='auto' (the default) lets Medusa run, with "
+                        "output that may differ from plain decoding at near-ties.")
+            else:
+                then = "so Medusa's output may differ from plain decoding at near-ties; `medusa-edge verify` measures how often."
             print(f"medusa-edge: on this device no batch of {self.model.description()} computes its rows bit for bit as "
                   "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), " + then,
                   file=sys.stderr)
@@ -256,26 +273,47 @@ class Engine:
             self._tune(exactness.cache_key(model_path, n_threads=n_threads, flash_attn=fa, f32_kv=f32_kv, type_k=tk, type_v=tv,
                                            n_gpu_layers=n_gpu_layers))
 
+    def _set_long_threads(self, trees: bool) -> None:
+        """Threads of one-token decodes once the KV cache is past the split: in exact mode on a CPU
+        with trees that may run, ``exactness.single_threads``' count, so they are computed as the
+        trees' batched rows are; otherwise all threads, as llama.cpp decodes plainly (a GGUF
+        without heads decodes as fast as llama.cpp, and its text equals llama.cpp's on all threads)."""
+        split = exactness.kv_may_split(self.ctx.type_k, self.ctx.type_v)
+        self.n_threads_long = exactness.single_threads(self.n_threads, exactness.SPLIT_FREE_CELLS + 1, split) \
+            if self.exact and trees and not self._on_gpu else self.n_threads
+
+    @property
+    def guarantee(self) -> str:
+        """What the output promises. "bitwise": the text equals plain decoding's with the same
+        settings bit for bit (exact mode inside the device's exact region of 2 rows or more, or
+        no tree at all).
+        "verified": every committed token is the base model's argmax (or seeded draw) at its
+        verified row, as in other speculative decoders; a batched row may round differently from a
+        one-token decode, so the text can differ from plain decoding's at near-ties."""
+        trees = (self.auto and self.max_auto_nodes >= 2) or self.tree.n_nodes > 1 or self.tree_long.n_nodes > 1
+        return "bitwise" if not trees or (self.exact and self.exact_batch >= 2) else "verified"
+
     def _tune(self, device_key: str) -> None:
         """tree="auto": this device's step costs (measured once, cached per device, model, heads
         and settings), the heads' accuracies (from the heads file, else the Vicuna-7B prior), and
         the tree with the most expected tokens per second; none when plain decoding is faster."""
         key = tune.cache_key(device_key, self.heads_path, self.max_auto_nodes, self.ctx.n_ctx)
-
-        def measure():
-            if self.verbose:
-                print("medusa-edge: measuring verification costs on this device (once)", file=sys.stderr)
-            return tune.measure_costs(self.ctx, native, self.model, self.heads, max_batch=self.max_auto_nodes,
-                                      n_threads=self.n_threads, n_threads_long=self.n_threads_long)
-
-        self.costs, _ = tune.cached_costs(key, measure)
-        self._n_threads_single = self.ctx.n_threads
         n_heads = self.heads.n_heads
         acc = self.heads_info.get("rank_accuracy") or tune.VICUNA_7B_PROFILE
         prior = np.zeros((n_heads, tune.MAX_RANK))
         for i in range(min(n_heads, len(acc))):
             row = list(acc[i])[: tune.MAX_RANK]
             prior[i, : len(row)] = row
+
+        def measure():
+            if self.verbose:
+                print("medusa-edge: measuring verification costs on this device (once)", file=sys.stderr)
+            shape_of = tune.planned_shapes(native, prior, n_heads, self.max_auto_leaves)
+            return tune.measure_costs(self.ctx, native, self.model, self.heads, max_batch=self.max_auto_nodes,
+                                      n_threads=self.n_threads, n_threads_long=self.n_threads_long, shape_of=shape_of)
+
+        self.costs, _ = tune.cached_costs(key, measure)
+        self._n_threads_single = self.ctx.n_threads
         self.live = tune.LiveAcceptance(prior)
         self.live_costs = tune.LiveCosts()
         self._replan()
@@ -336,6 +374,7 @@ class Engine:
         self.tree, self.tree_long = out
         self.auto, self.live, self.live_costs = False, None, None
         self._shapes.clear()
+        self._set_long_threads(any(t.n_nodes > 1 for t in out))
 
     def _choose_tree(self, tree) -> Tree:
         """A fixed tree: the caller's; "heads" for the one stored in the heads file (else the
@@ -443,6 +482,7 @@ class Engine:
             raise TreeError("a tree needs candidates: load Medusa heads or pass a proposer")
         budget = min(max_tokens, self.n_ctx - n_prompt)
         stats.n_prompt = n_prompt
+        stats.exact = self.guarantee
         n_heads = self.heads.n_heads if self.heads is not None else max(self.tree.max_depth, self.tree_long.max_depth)
         stats.head_accepts = [0] * n_heads
         sampler = self._sampler(params)
@@ -454,11 +494,13 @@ class Engine:
             # context's n_ubatch, then the first token from the last prompt position. When every
             # row is computed as a one-token decode (exact prefill), the last prompt token is
             # decoded on its own with embeddings on, which changes no logit and gives its hidden
-            # state: the heads propose at the first step. Otherwise the first step verifies the
-            # root alone, and the chunking stays llama-cpp-python's.
+            # state: the heads propose at the first step. Out of exact mode the same split serves
+            # (the first token's row then is a one-token decode, verified like any other). In exact
+            # mode without an exact prefill the first step verifies the root alone, and the
+            # chunking stays llama-cpp-python's, so the first token equals its choice bit for bit.
             prompt = [int(t) for t in prompt]
             n_keep = self._reusable(prompt) if reuse_prefix else 0
-            hidden = any_depth > 0 and self.exact_prefill
+            hidden = any_depth > 0 and (self.exact_prefill or not self.exact)
             self._kv_tokens = []  # unknown until the prefill has succeeded
             self.ctx.truncate(n_keep)
             self._threads_for(n_prompt)  # only the last micro-batch may be a single token
@@ -487,7 +529,11 @@ class Engine:
                 timed = self.live_costs is not None and depth > 0
                 if timed and self.live_costs.probe_now():
                     depth = 0
-                tree, shape = self._shape(long, min(remaining - 1, depth), self.n_ctx - n_past)
+                # near the end of the answer a CPU verifies only the depth still wanted (its cost
+                # grows with the nodes); a GPU keeps the tree's shape, so llama.cpp reuses the
+                # step's graph (and CUDA its captured graph) instead of rebuilding both
+                want = depth if self._on_gpu else min(remaining - 1, depth)
+                tree, shape = self._shape(long, want, self.n_ctx - n_past)
                 # propose: the heads' top-k at the position that produced the root
                 th = time.perf_counter()
                 proposals = self._propose(tree, row, generated, proposer)
@@ -608,7 +654,7 @@ class Engine:
                 raise ValueError(f"proposer returned shape {out.shape}, expected {(tree.max_depth, k)}")
             return out
         # the root (the last generated token) is the base's choice at `row`; root-input heads read it
-        ids, _ = self.heads.propose(self.ctx, row, k, tree.max_depth, generated[-1])
+        ids, _ = self.heads.propose(self.ctx, row, k, tree.max_depth, generated[-1], logp=False)
         return ids
 
     def _accept(self, tree: Tree, tokens: np.ndarray, sampler, p: SamplingParams) -> tuple[list[int], int]:

@@ -175,13 +175,14 @@ def first_divergence(a: list, b: list) -> Optional[int]:
 
 def llama_cpp_baseline(engine, **kwargs):
     """llama-cpp-python's ``Llama`` on the engine's GGUF with the settings that decide its
-    numerics (flash attention, micro-batch size, AMX guard), so its greedy text is the plain
+    numerics (flash attention, micro-batch size, KV types, layers offloaded, AMX guard), so its greedy text is the plain
     decoding the engine promises to equal. Its one-token decodes run on ``n_threads_long`` threads:
     past 256 KV cells that is what the engine runs, and below it one thread and all give the same
     bits (``single_threads``). ``kwargs`` go to ``Llama`` (n_ctx, seed, ...)."""
     from .hwguard import llama_cpp_llama
 
     kw = dict(flash_attn=engine.flash_attn, n_batch=engine.ctx.n_batch, n_ubatch=engine.ctx.n_ubatch,
+              n_gpu_layers=engine.n_gpu_layers,
               type_k=engine.ctx.type_k, type_v=engine.ctx.type_v,
               n_threads=engine.n_threads_long, n_threads_batch=engine.n_threads_batch, verbose=False)
     kw.update(kwargs)

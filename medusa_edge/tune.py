@@ -5,9 +5,10 @@ host work; it commits 1 + the accepted candidates. Whether that beats plain deco
 how t(B) grows with B on the device (nearly linear on a small CPU model, nearly flat on a GPU,
 with kernel switches in between) and on how often the heads are right. So:
 
-1. ``measure_costs`` times verification forwards of B = 1..64 tokens in the loaded context, in
-   interleaved rounds until every median is known within a tolerance (or a time budget ends),
-   plus the heads pass and the host work of a step.
+1. ``measure_costs`` times verification forwards of B = 1..64 tokens in the loaded context, each
+   size back to back (so llama.cpp reuses its graph, as across steps), in rounds over the sizes
+   until every median is known within a tolerance (or a time budget ends), plus the heads pass
+   and the host work of a step.
 2. ``grow_tree`` is Medusa's accuracy-driven construction: the node with the largest expected
    acceptance (the product of the per-depth, per-rank accuracies along its path, assuming heads
    are independent) joins the tree next, so every prefix of its order is the best tree of that
@@ -18,7 +19,8 @@ with kernel switches in between) and on how often the heads are right. So:
 
 Accuracies come from the heads file (``medusa.rank_accuracy``, written by the trainer) or a
 prior; the engine refines them from live acceptance (``LiveAcceptance``) and plans again.
-Everything here but ``measure_costs`` is a pure function.
+``measure_costs`` runs the model and ``cached_costs`` reads and writes the on-disk cache; the
+rest are pure functions.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -66,6 +68,8 @@ class Costs:
     # a one-token decode once the KV cache is long, on the threads exact mode gives it there
     # (exactness.single_threads); 0: as t(1)
     t_single_long: float = 0.0
+    # share of the timed decodes for which llama.cpp reused its compute graph (as steps of one tree do)
+    graph_reuse: float = 0.0
 
     def decode(self, n: int) -> float:
         """t(n): measured, interpolated linearly between measured sizes, extrapolated from the last two."""
@@ -261,13 +265,20 @@ class LiveAcceptance:
 
 # -- measurement --------------------------------------------------------------------------------
 def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past: int = 256, time_budget: float = 4.0,
-                  tolerance: float = 0.03, min_rounds: int = 5, max_rounds: int = 40,
-                  n_threads: Optional[int] = None, n_threads_long: Optional[int] = None) -> Costs:
-    """Time verification forwards of B tokens (a chain: the cost depends on B, little on the
-    mask) after ``n_past`` cached tokens, in interleaved rounds (every B once per round, so drift
-    hits all alike). Rounds continue until the 95% interval of every median is within
-    ``tolerance`` of it, or ``time_budget`` seconds. Sizes stop growing once the cost is linear
-    (t(B) >= 0.95 B t(1) twice): no larger tree can pay. Every size runs on ``n_threads``; when
+                  tolerance: float = 0.03, min_rounds: int = 3, max_rounds: int = 20, burst: int = 3, warmup: int = 2,
+                  n_threads: Optional[int] = None, n_threads_long: Optional[int] = None,
+                  shape_of: Optional[Callable] = None, sizes: Optional[Sequence[int]] = None,
+                  linear_cutoff: bool = True) -> Costs:
+    """Time verification forwards of B tokens after ``n_past`` cached tokens, as steps run them:
+    each size back to back, ``warmup`` untimed decodes then ``burst`` timed ones, so llama.cpp
+    reuses its compute graph (and a CUDA backend its captured CUDA graph) for the timed ones as it
+    does across steps of one tree; ``graph_reuse`` in the result is the share of timed decodes that
+    llama.cpp reports as reused. Rounds visit the sizes in turn (drift hits all alike) until the
+    95% interval of every median is within ``tolerance`` of it, or ``time_budget`` seconds.
+    ``shape_of(B)``: the native TreeShape of B nodes the planner would use (default: a chain; the
+    cost depends on B much more than on the mask). Sizes stop growing once the cost is linear
+    (t(B) >= 0.95 B t(1) twice; ``linear_cutoff``): no larger tree can pay. ``sizes``: the B
+    to measure (default ``BATCHES``), capped by the context. Every size runs on ``n_threads``; when
     ``n_threads_long`` differs, a one-token decode on that many threads is timed in the same
     rounds (``t_single_long``). Leaves the context empty, its threads at ``n_threads``."""
     threads = n_threads or ctx.n_threads_batch
@@ -275,34 +286,44 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
     ctx.set_threads(threads, threads)
     tok = model.bos if model.bos >= 0 else 0
     n_past = max(0, min(n_past, ctx.n_ctx - max_batch - 1))
-    sizes = [b for b in BATCHES if b <= min(max_batch, ctx.n_batch, ctx.n_ctx - n_past - 1)] or [1]
+    sizes = sorted({1, *[b for b in (sizes or BATCHES) if 1 <= b <= min(max_batch, ctx.n_batch, ctx.n_ctx - n_past - 1)]})
     ctx.truncate(0)
     if n_past:
         ctx.prefill([tok] * n_past, 0, False)
-    shapes = {b: native.TreeShape(list(range(b)), [[0]] * b) for b in sizes}
+    chain = lambda b: native.TreeShape(list(range(b)), [[0]] * b)  # noqa: E731
+    shapes = {b: (shape_of(b) if shape_of is not None and b > 1 else chain(b)) for b in sizes}
     toks = {b: np.full(b, tok, np.int32) for b in sizes}
+    reused = [0, 0]  # timed decodes that reused the previous graph, timed decodes
 
     def once(b: int) -> float:
         ctx.truncate(n_past)
         t0 = time.perf_counter()
         ctx.decode_tree(shapes[b], toks[b], n_past)
-        ctx.argmax(1)  # waits for the device
+        ctx.synchronize()
         return time.perf_counter() - t0
 
-    def once_long() -> float:
+    def run_burst(b: int, n: int, count: bool = True) -> list:
+        for _ in range(warmup):
+            once(b)
+        r0 = ctx.perf()["n_reused"]
+        out = [once(b) for _ in range(n)]
+        if count:
+            reused[0] += ctx.perf()["n_reused"] - r0
+            reused[1] += n
+        return out
+
+    def burst_long() -> list:
         ctx.set_threads(long_threads, threads)
         try:
-            return once(1)
+            return run_burst(1, burst)
         finally:
             ctx.set_threads(threads, threads)
 
-    for b in sizes:  # warm-up, and the linear cut-off
-        once(b)
-    t1 = min(once(1) for _ in range(3))
+    t1 = min(run_burst(1, 3, count=False))
     kept, linear = [], 0
-    for b in sizes:
+    for b in sizes:  # the linear cut-off
         kept.append(b)
-        if b > 1 and min(once(b) for _ in range(2)) >= 0.95 * b * t1:
+        if linear_cutoff and b > 1 and min(run_burst(b, 2, count=False)) >= 0.95 * b * t1:
             linear += 1
             if linear >= 2:
                 break
@@ -312,13 +333,11 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
     samples = {b: [] for b in sizes}
     keys = list(sizes) + (["long"] if long_threads else [])
     samples["long"] = []
-    if long_threads:
-        once_long()  # warm-up
     t_start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds:
         for b in keys:
-            samples[b].append(once_long() if b == "long" else once(b))
+            samples[b].extend(burst_long() if b == "long" else run_burst(b, burst))
         rounds += 1
         if rounds >= min_rounds and (all(_spread(samples[b]) <= tolerance for b in keys)
                                      or time.perf_counter() - t_start > time_budget):
@@ -336,7 +355,25 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
     return Costs(batch=sizes, t_decode=[statistics.median(samples[b]) for b in sizes],
                  spread=[round(_spread(samples[b]), 4) for b in sizes], t_heads=t_heads,
                  t_host=HOST_TREE_S, t_host_plain=HOST_PLAIN_S, rounds=rounds,
-                 t_single_long=statistics.median(samples["long"]) if long_threads else 0.0)
+                 t_single_long=statistics.median(samples["long"]) if long_threads else 0.0,
+                 graph_reuse=round(reused[0] / reused[1], 4) if reused[1] else 0.0)
+
+
+def planned_shapes(native, rank_acc, max_depth: Optional[int] = None, max_leaves: Optional[int] = None) -> Callable:
+    """``shape_of`` for ``measure_costs``: B -> the native shape of the B-node tree ``plan`` would
+    pick among (a prefix of ``grow_tree``'s order for these accuracies), a chain where that order
+    has fewer nodes."""
+    from .tree import Tree
+
+    order = grow_tree(rank_acc, max(BATCHES), max_depth, max_leaves=max_leaves)
+
+    def shape_of(b: int):
+        if b - 1 > len(order):
+            return native.TreeShape(list(range(b)), [[0]] * b)
+        t = Tree.from_paths(order[: b - 1])
+        return native.TreeShape(t.depth.tolist(), [list(x) for x in t.seq_sets])
+
+    return shape_of
 
 
 #: Host seconds per step beside decode and heads ("other" in `medusa-edge bench`: 0.16 to 0.57 ms
@@ -381,7 +418,7 @@ def cache_key(exactness_key: str, heads_path: Optional[str], max_batch: int, n_c
     if heads_path:
         st = os.stat(heads_path)
         hid = f"{os.path.abspath(heads_path)}:{st.st_size}:{int(st.st_mtime)}"
-    return hashlib.sha256(f"costs=2|{exactness_key}|{hid}|{max_batch}|{n_ctx}".encode()).hexdigest()
+    return hashlib.sha256(f"costs=3|{exactness_key}|{hid}|{max_batch}|{n_ctx}".encode()).hexdigest()
 
 
 def cached_costs(key: str, measure) -> tuple[Costs, bool]:

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
 
     try:
         llm = Medusa(args.model, args.heads, tree=args.tree, n_ctx=args.ctx_size, n_threads=args.threads,
-                     n_gpu_layers=args.n_gpu_layers, exact=not args.no_exact,
+                     n_gpu_layers=args.n_gpu_layers, exact=False if args.no_exact else "auto",
                      flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
         texts = load_prompts(args.prompts, args.limit)
     except (MedusaError, TreeError, ValueError, OSError) as e:
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     params = SamplingParams(temperature=args.temp, seed=args.seed)
     print(f"model {e.model_path} ({m.description()}), heads {e.heads_path}\n"
           f"tree {e.tree.n_nodes} nodes, depth {e.tree.max_depth}; exact batch on this device: "
-          f"{e.exact_batch if e.exact else 'not measured (--no-exact)'}; flash attention {'on' if e.flash_attn else 'off'}; "
+          f"{e.exact_batch or 'not measured (--no-exact)'} (output {e.guarantee}); flash attention {'on' if e.flash_attn else 'off'}; "
           f"{len(ids)} prompts x {args.max_tokens} tokens, " + ("greedy" if args.temp == 0 else f"T={args.temp} seed {args.seed}"),
           flush=True)
 

@@ -32,6 +32,7 @@
 #include <stdexcept>
 #include <string>
 #include <map>
+#include <tuple>
 #include <vector>
 
 namespace py = pybind11;
@@ -806,12 +807,16 @@ struct Heads {
         ggml_cgraph *graph = nullptr;
         ggml_gallocr_t galloc = nullptr;
         ggml_tensor *in_h = nullptr, *in_root = nullptr;
-        ggml_tensor *out_ids = nullptr, *out_probs = nullptr;  // [k, n_used] i32, [1, k, n_used] f32
+        // [k, n_used] i32; [1, k, n_used] f32: probabilities, or logits where no log-probs are read
+        ggml_tensor *out_ids = nullptr, *out_probs = nullptr;
     };
-    std::map<std::pair<int32_t, int32_t>, Graph> graphs;
+    std::map<std::tuple<int32_t, int32_t, bool>, Graph> graphs;  // (top_k, heads used, log-probs)
     static constexpr size_t MAX_GRAPHS = 16;  // shapes kept at most (all dropped when full)
     int64_t n_builds = 0;                     // graphs built so far (for tests)
+    // per pass, for tests: host-to-device writes, device-to-host reads, and waits for the backend
+    int64_t n_uploads = 0, n_reads = 0, n_syncs = 0;
     int32_t graph_k = -1, graph_n = -1;
+    bool graph_logp = true;
     ggml_context *gctx = nullptr;
     ggml_cgraph *graph = nullptr;
     ggml_gallocr_t galloc = nullptr;
@@ -850,10 +855,10 @@ struct Heads {
         out_ids = out_probs = nullptr;
         graph_k = graph_n = -1;
     }
-    void use_graph(const Graph &g, int32_t k, int32_t n) {
+    void use_graph(const Graph &g, int32_t k, int32_t n, bool logp) {
         gctx = g.gctx, graph = g.graph, galloc = g.galloc, in_h = g.in_h, in_root = g.in_root;
         out_ids = g.out_ids, out_probs = g.out_probs;
-        graph_k = k, graph_n = n;
+        graph_k = k, graph_n = n, graph_logp = logp;
     }
     void release_weights() {
         if (wbuf) ggml_backend_buffer_free(wbuf), wbuf = nullptr;
@@ -875,7 +880,7 @@ struct Heads {
         upload();
         // Check the graph the engine builds first (top-10 of every head) now, so that a fallback
         // happens at load time; build() checks again for every other (k, n_used).
-        build(std::min<int32_t>(10, n_vocab), n_heads);
+        build(std::min<int32_t>(10, n_vocab), n_heads, true);
     }
 
     // Validate the heads file (and the model file's lm_head for shared output) and fill specs.
@@ -1052,10 +1057,13 @@ struct Heads {
         upload();
     }
 
-    void build(int32_t k, int32_t n_used) {
-        if (graph_k == k && graph_n == n_used) return;
-        auto hit = graphs.find({k, n_used});
-        if (hit != graphs.end()) return use_graph(hit->second, k, n_used);
+    // The graph for top-k of the first n_used heads. logp: also each candidate's probability (a
+    // softmax over the vocabulary); without it the candidates are ranked by logit, the same order
+    // (softmax is monotonic) save where two probabilities round equal, and k = 1 is an argmax.
+    void build(int32_t k, int32_t n_used, bool logp) {
+        if (graph_k == k && graph_n == n_used && graph_logp == logp) return;
+        auto hit = graphs.find({k, n_used, logp});
+        if (hit != graphs.end()) return use_graph(hit->second, k, n_used, logp);
         if (graphs.size() >= MAX_GRAPHS) release_graph();
         // the fields now describe a cached graph (or nothing): build the new one from scratch
         gctx = nullptr, galloc = nullptr, graph = nullptr;
@@ -1112,87 +1120,122 @@ struct Heads {
                 logits = logits ? ggml_concat(gctx, logits, li, 1) : li;
             }
         }
-        // one top-k and one softmax over the columns, one gather of the top-k probabilities
-        out_ids = ggml_top_k(gctx, logits, k);                                     // [k, n_used] i32, unordered
-        ggml_tensor *probs = ggml_soft_max(gctx, logits);                           // [n_vocab, n_used]
-        ggml_tensor *rows = ggml_reshape_3d(gctx, probs, 1, n_vocab, n_used);       // one "row" per token
-        out_probs = ggml_get_rows(gctx, rows, out_ids);                             // [1, k, n_used]
+        // one top-k (an argmax at k = 1 without log-probs) over the columns, one gather of the
+        // top-k probabilities, or of the logits where no log-probs are wanted (no softmax)
+        if (k == 1 && !logp) {
+            out_ids = ggml_reshape_2d(gctx, ggml_argmax(gctx, logits), 1, n_used);  // [1, n_used] i32
+            out_probs = nullptr;
+        } else {
+            out_ids = ggml_top_k(gctx, logits, k);                                   // [k, n_used] i32, unordered
+            ggml_tensor *scores = logp ? ggml_soft_max(gctx, logits) : logits;        // [n_vocab, n_used]
+            ggml_tensor *rows = ggml_reshape_3d(gctx, scores, 1, n_vocab, n_used);    // one "row" per token
+            out_probs = ggml_get_rows(gctx, rows, out_ids);                           // [1, k, n_used]
+        }
         ggml_set_output(out_ids);
-        ggml_set_output(out_probs);
         ggml_build_forward_expand(graph, out_ids);
-        ggml_build_forward_expand(graph, out_probs);
+        if (out_probs) {
+            ggml_set_output(out_probs);
+            ggml_build_forward_expand(graph, out_probs);
+        }
         if (const char *op = unsupported_op()) {
             if (on_fallback) throw std::runtime_error("Medusa heads: the CPU backend cannot run " + std::string(op));
             ggml_free(gctx), gctx = nullptr;  // not cached yet
             fall_back_to_cpu(op);
-            build(k, n_used);  // once more, on the CPU (on_fallback stops a second fallback)
+            build(k, n_used, logp);  // once more, on the CPU (on_fallback stops a second fallback)
             return;
         }
         galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
         if (!ggml_gallocr_alloc_graph(galloc, graph)) throw std::runtime_error("cannot allocate the Medusa heads' compute graph");
-        graphs[{k, n_used}] = Graph{gctx, graph, galloc, in_h, in_root, out_ids, out_probs};
+        graphs[{k, n_used, logp}] = Graph{gctx, graph, galloc, in_h, in_root, out_ids, out_probs};
         graph_k = k;
         graph_n = n_used;
+        graph_logp = logp;
     }
 
-    // ids [n_used, k] int32 (best first) and log-probs [n_used, k] float32 for hidden state h;
-    // n_used <= n_heads: only the heads a tree of that depth reads are computed. `root`: the token
-    // the base chose at h's position; required by root-input heads, ignored by the others.
-    py::tuple run(const float *h, int32_t k, int32_t n_used, int32_t root) {
+    // The op names of the graph for (k, n_used, logp), in order (tests: which nodes a pass runs).
+    std::vector<std::string> graph_ops(int32_t k, int32_t n_used, bool logp) {
+        check_shape(k, n_used);
+        build(k, n_used, logp);
+        std::vector<std::string> ops;
+        for (int i = 0; i < ggml_graph_n_nodes(graph); ++i) ops.emplace_back(ggml_op_desc(ggml_graph_node(graph, i)));
+        return ops;
+    }
+
+    void check_shape(int32_t k, int32_t &n_used) const {
         if (k < 1 || k > n_vocab) throw std::invalid_argument("top_k must be in [1, n_vocab]");
         if (n_used < 0) n_used = n_heads;
         if (n_used < 1 || n_used > n_heads)
             throw std::invalid_argument("n_heads_used must be in [1, " + std::to_string(n_heads) + "]");
+    }
+
+    // ids [n_used, k] int32 (best first) and log-probs [n_used, k] float32 (None without logp) for
+    // hidden state h; n_used <= n_heads: only the heads a tree of that depth reads are computed.
+    // `root`: the token the base chose at h's position; required by root-input heads, ignored by the
+    // others. One pass: the inputs are written and the outputs read asynchronously where the backend
+    // can, around one graph launch, with one wait for the backend at the end.
+    py::tuple run(const float *h, int32_t k, int32_t n_used, int32_t root, bool logp) {
+        check_shape(k, n_used);
         if (root_input && (root < 0 || root >= n_vocab))
             throw std::invalid_argument(root < 0 ? "these heads read the root token: pass root (the base's token at this position)"
                                                  : "root token id out of range [0, n_vocab)");
-        build(k, n_used);
-        ggml_backend_tensor_set(in_h, h, 0, sizeof(float) * n_embd);
-        if (root_input) ggml_backend_tensor_set(in_root, &root, 0, sizeof(int32_t));
+        build(k, n_used, logp);
+        std::vector<int32_t> all_id((size_t)k * n_used), order(k);
+        std::vector<float> all_pr(out_probs ? (size_t)k * n_used : 0);
         ggml_status st;
         {
             py::gil_scoped_release release;
-            st = ggml_backend_graph_compute(backend, graph);
+            ggml_backend_tensor_set_async(backend, in_h, h, 0, sizeof(float) * n_embd);
+            if (root_input) ggml_backend_tensor_set_async(backend, in_root, &root, 0, sizeof(int32_t));
+            ++n_uploads;
+            st = ggml_backend_graph_compute_async(backend, graph);
+            if (st == GGML_STATUS_SUCCESS) {
+                ggml_backend_tensor_get_async(backend, out_ids, all_id.data(), 0, sizeof(int32_t) * all_id.size());
+                if (out_probs) ggml_backend_tensor_get_async(backend, out_probs, all_pr.data(), 0, sizeof(float) * all_pr.size());
+                ++n_reads;
+            }
+            ggml_backend_synchronize(backend);
+            ++n_syncs;
         }
         if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("Medusa heads: graph compute failed on " + backend_name);
         py::array_t<int32_t> ids({n_used, k});
-        py::array_t<float> logp({n_used, k});
-        std::vector<int32_t> all_id((size_t)k * n_used), order(k);
-        std::vector<float> all_pr((size_t)k * n_used);
-        ggml_backend_tensor_get(out_ids, all_id.data(), 0, sizeof(int32_t) * all_id.size());    // one read each
-        ggml_backend_tensor_get(out_probs, all_pr.data(), 0, sizeof(float) * all_pr.size());
+        py::array_t<float> logp_out(logp ? std::vector<py::ssize_t>{n_used, k} : std::vector<py::ssize_t>{0, 0});
         for (int i = 0; i < n_used; ++i) {
             const int32_t *id = all_id.data() + (size_t)i * k;  // head i's column
-            float *pr = all_pr.data() + (size_t)i * k;
             for (int j = 0; j < k; ++j)
                 if (id[j] < 0 || id[j] >= n_vocab)
                     throw std::runtime_error("Medusa heads: " + backend_name + " returned token id " + std::to_string(id[j]));
+            int32_t *io = ids.mutable_data(i, 0);
+            if (!out_probs) {  // k = 1: the argmax
+                io[0] = id[0];
+                continue;
+            }
+            float *pr = all_pr.data() + (size_t)i * k;
             // NaN (damaged weights) ranks last: std::sort needs a strict weak order, or it may run off the array
             for (int j = 0; j < k; ++j)
-                if (std::isnan(pr[j])) pr[j] = -1.0f;
-            // rank order: probability descending, lower id first on ties
+                if (std::isnan(pr[j])) pr[j] = logp ? -1.0f : -INFINITY;
+            // rank order: score descending, lower id first on ties
             for (int j = 0; j < k; ++j) order[j] = j;
             std::sort(order.begin(), order.end(), [&](int a, int b) { return pr[a] > pr[b] || (pr[a] == pr[b] && id[a] < id[b]); });
-            int32_t *io = ids.mutable_data(i, 0);
-            float *lo = logp.mutable_data(i, 0);
-            for (int j = 0; j < k; ++j) {
-                io[j] = id[order[j]];
-                lo[j] = std::log(std::max(pr[order[j]], 1e-30f));
+            for (int j = 0; j < k; ++j) io[j] = id[order[j]];
+            if (logp) {
+                float *lo = logp_out.mutable_data(i, 0);
+                for (int j = 0; j < k; ++j) lo[j] = std::log(std::max(pr[order[j]], 1e-30f));
             }
         }
-        return py::make_tuple(ids, logp);
+        if (!logp) return py::make_tuple(ids, py::none());
+        return py::make_tuple(ids, logp_out);
     }
 
-    py::tuple propose(Context &c, int32_t row, int32_t k, int32_t n_used, int32_t root) {
+    py::tuple propose(Context &c, int32_t row, int32_t k, int32_t n_used, int32_t root, bool logp) {
         if (llama_model_n_embd_out(c.model->model) != n_embd)
             throw std::invalid_argument("heads n_embd does not match the model");
-        return run(c.row_hidden(row), k, n_used, root);
+        return run(c.row_hidden(row), k, n_used, root, logp);
     }
 
-    py::tuple propose_hidden(f32_array h, int32_t k, int32_t n_used, int32_t root) {
+    py::tuple propose_hidden(f32_array h, int32_t k, int32_t n_used, int32_t root, bool logp) {
         if (h.ndim() != 1 || h.shape(0) != n_embd)
             throw std::invalid_argument("hidden state must be a vector of n_embd = " + std::to_string(n_embd) + " floats");
-        return run(h.data(), k, n_used, root);
+        return run(h.data(), k, n_used, root, logp);
     }
 };
 
@@ -1276,8 +1319,9 @@ PYBIND11_MODULE(_native, m) {
         .def("perf", [](const Context &c) {
             auto d = llama_perf_context(c.ctx);
             return py::dict(py::arg("t_eval_ms") = d.t_eval_ms, py::arg("n_eval") = d.n_eval,
-                            py::arg("t_p_eval_ms") = d.t_p_eval_ms, py::arg("n_p_eval") = d.n_p_eval);
-        });
+                            py::arg("t_p_eval_ms") = d.t_p_eval_ms, py::arg("n_p_eval") = d.n_p_eval,
+                            py::arg("n_reused") = d.n_reused);
+        }, "llama_perf_context's counters: evals, their ms, and n_reused (decodes that reused the previous compute graph).");
 
     py::class_<Sampler>(m, "Sampler")
         .def(py::init<int32_t, uint32_t, float, int32_t, float, float, float, int32_t, float, float, float>(), py::arg("n_vocab"),
@@ -1305,9 +1349,15 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("stacked_output", [](const Heads &h) { return h.out_stack != nullptr; })
         .def_readonly("backend", &Heads::backend_name)
         .def_readonly("n_graph_builds", &Heads::n_builds)
+        .def_readonly("n_uploads", &Heads::n_uploads)
+        .def_readonly("n_reads", &Heads::n_reads)
+        .def_readonly("n_syncs", &Heads::n_syncs)
         .def_readonly("on_fallback", &Heads::on_fallback)
         .def("propose", &Heads::propose, py::arg("ctx"), py::arg("row"), py::arg("top_k"), py::arg("n_heads_used") = -1,
-             py::arg("root") = -1)
+             py::arg("root") = -1, py::arg("logp") = true,
+             "(ids [n_used, top_k] best first, log-probs or None without logp) of the heads at output row `row`.")
         .def("propose_hidden", &Heads::propose_hidden, py::arg("hidden"), py::arg("top_k"), py::arg("n_heads_used") = -1,
-             py::arg("root") = -1);
+             py::arg("root") = -1, py::arg("logp") = true, "propose() for a hidden state given as a vector.")
+        .def("graph_ops", &Heads::graph_ops, py::arg("top_k"), py::arg("n_heads_used") = -1, py::arg("logp") = true,
+             "The op names of the heads graph of that shape, in order.");
 }

@@ -84,10 +84,10 @@ def test_replay_all_right_accepts_full_depth_all_wrong_nothing(models, right):
     prop = bench.ReplayProposer(plain.tokens, profile, e.model.n_vocab, seed=0)
     r = bench.engine_method("replay", e, proposer=prop).run(ids, 41)
     assert r.tokens == plain.tokens
-    # 40 tokens after the prefill's. Without an exact prefill the first step verifies the root
-    # alone; the last tree is cut to the 4 tokens still wanted.
-    if right:  # 1 + 7 x (1 + 4) + (1 + 3)
-        assert r.steps == 9 and r.head_accepts == [8, 8, 8, 7]
+    # 40 tokens after the prefill's. Out of exact mode the prefill gives the last prompt row's
+    # hidden state, so the heads propose at the first step: 8 x (1 + 4)
+    if right:
+        assert r.steps == 8 and r.head_accepts == [8, 8, 8, 8]
     else:
         assert r.steps == 40 and r.head_accepts == [0, 0, 0, 0]
 

@@ -166,10 +166,11 @@ def test_forced_accept_patterns(models, plain, right_depths, expect):
     st = Stats()
     got = ids_of(e, p, GREEDY, 101, proposer=oracle(truth, right_depths=right_depths), stats=st)
     assert got == truth
-    # the first step verifies the root alone (the prefill gives no hidden state); the last may be cut by max_tokens
-    full_steps = st.steps - 2
+    # out of exact mode the prefill gives the last prompt row's hidden state, so the heads propose at
+    # the first step; the last step may be cut by max_tokens
+    full_steps = st.steps - 1
     assert st.accepted_hist[expect] >= full_steps and set(st.accepted_hist) <= {expect, *range(expect)}
-    assert st.steps == 1 + -(-99 // (expect + 1))  # prefill token, plain step, then expect+1 per step
+    assert st.steps == -(-100 // (expect + 1))  # the prefill's token, then expect+1 per step
     if expect:
         assert st.head_accepts[expect - 1] >= full_steps and st.head_accepts[expect:] == [0] * (4 - expect)
 
@@ -336,3 +337,28 @@ def test_stored_and_explicit_trees(models, tmp_path):
     small = str(tmp_path / "small.medusa.gguf")
     write_random_heads(small, models["f32"], n_heads=4, tree=[[0], [1], [0, 0]])
     assert Engine(models["f32"].path, small, n_ctx=256, tree="heads").tree.n_nodes == 4
+
+
+def test_fixed_tree_steps_reuse_the_graph(models, plain):
+    """Steps of one fixed tree decode batches of one shape, so llama.cpp reuses the compute graph
+    of the step before (llama_perf_context's n_reused), as a CUDA backend then replays its captured
+    graph; only the first step (after the prompt) and the end of the answer, where a CPU cuts the
+    tree to the tokens still wanted, rebuild it."""
+    e = Engine(models["f32"].path, models["f32_heads"].path, tree="chain:3", n_ctx=512, **F32)
+    ids = e.model.tokenize("the world", True, False)
+    truth = ids_of(plain, ids, GREEDY, 120)
+    r0 = e.ctx.perf()["n_reused"]
+    st = Stats()
+    assert ids_of(e, ids, GREEDY, 120, proposer=oracle(truth), stats=st) == truth
+    reused = e.ctx.perf()["n_reused"] - r0
+    assert st.steps >= 25 and reused >= st.steps - 5
+    # a tree whose shape changes at every step rebuilds every time: the count can tell
+    e2 = Engine(models["f32"].path, models["f32_heads"].path, tree="chain:3", n_ctx=512, **F32)
+    r0 = e2.ctx.perf()["n_reused"]
+    for n in range(1, 4):
+        list(e2.generate(ids, GREEDY, 12, proposer=oracle(truth), max_depth=n, reuse_prefix=False))
+    r1 = e2.ctx.perf()["n_reused"]
+    for i in range(8):
+        e2.ctx.truncate(len(ids))
+        e2.ctx.decode_tree(e2._shape(False, 1 + i % 3, 64)[1], np.full(2 + i % 3, 5, np.int32), len(ids))
+    assert e2.ctx.perf()["n_reused"] == r1

@@ -61,3 +61,30 @@ def test_deep_heads_graph_fits(models, tmp_path):
         ids, _ = heads.propose_hidden(h, 5)
         ref_ids, _ = heads_reference(h, hw.res, hw.out, 5)
         assert (ids[:, 0] == ref_ids[:, 0]).all()
+
+
+@pytest.mark.parametrize("layout", ["shared", "own", "root"])
+def test_lean_heads_pass_gives_the_same_ids(models, tmp_path, layout):
+    """The pass the engine runs (no log-probs read): one upload, one launch, one read-back and one
+    wait per pass; no top-k node and no softmax at k = 1 (an argmax), no softmax at k > 1; and the
+    same ids, rank for rank, as the pass that reads log-probs, on 200 hidden states."""
+    m = models["f32"]
+    kw = dict(shared_output=layout == "shared", root_input=layout == "root")
+    path = write_random_heads(str(tmp_path / f"lean-{layout}.medusa.gguf"), m, n_heads=3, seed=4, head_type="f32", **kw).path
+    heads = native.Heads(path, m.path, 2)
+    ops1 = heads.graph_ops(1, 3, False)
+    assert "ARGMAX" in ops1 and "TOP_K" not in ops1 and "SOFT_MAX" not in ops1
+    ops10 = heads.graph_ops(10, 3, False)
+    assert "TOP_K" in ops10 and "SOFT_MAX" not in ops10
+    assert "SOFT_MAX" in heads.graph_ops(10, 3, True)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h = rng.standard_normal(m.n_embd).astype(np.float32) * 3
+        root = int(rng.integers(0, m.n_vocab))
+        for k in (1, 4, 10):
+            full, logp = heads.propose_hidden(h, k, 3, root)
+            before = (heads.n_uploads, heads.n_reads, heads.n_syncs)
+            lean, none = heads.propose_hidden(h, k, 3, root, logp=False)
+            assert none is None and logp.shape == (3, k)
+            assert (heads.n_uploads, heads.n_reads, heads.n_syncs) == tuple(x + 1 for x in before)
+            np.testing.assert_array_equal(lean, full)

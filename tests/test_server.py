@@ -163,7 +163,7 @@ def _error(r, status, param=None, code=None):
 
 
 @pytest.mark.parametrize("path,body,status,param,code", [
-    ("chat/completions", {"model": "gpt-4", "messages": SKY}, 404, "model", "model_not_found"),
+    ("chat/completions", {"model": ["gpt-4"], "messages": SKY}, 400, "model", "invalid_type"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi " * 3000}]}, 400, "messages", "context_length_exceeded"),
     ("completions", {"prompt": "hi " * 3000}, 400, "prompt", "context_length_exceeded"),
     ("chat/completions", {"messages": SKY, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
@@ -193,9 +193,9 @@ def test_bad_json_and_path(server):
 
 def test_errors_through_openai_client(server):
     client = server.client()
-    with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-4", messages=SKY)
-    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:  # any model name is served, unknown fields are not
+        client.chat.completions.create(model="gpt-4", messages=SKY, extra_body={"mirostat_mode": 2})
+    assert e.value.code == "unsupported_parameter" and e.value.param == "mirostat_mode"
     with pytest.raises(openai.BadRequestError) as e:  # a streamed request fails before its headers
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 3000}], stream=True)
     assert e.value.code == "context_length_exceeded"

@@ -177,11 +177,40 @@ def test_auto_corrects_costs_the_measurement_got_wrong(models, tmp_path, monkeyp
 
 
 def test_exact_mode_without_an_exact_batch_says_it_decodes_plainly(models, tmp_path, monkeypatch, capsys):
-    """f32 weights have no exact batch on the CPU (as a GPU has none): auto then plans no tree and
-    says so, naming the way out; exact=False plans one."""
+    """f32 weights have no exact batch on the CPU (as a GPU has none): strict exact mode then plans
+    no tree and says so, naming the way out; exact="auto" (the default) plans one with per-row
+    verification and says that; exact=False plans one and says nothing."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, flash_attn=False)
-    assert e.exact_batch == 1 and e.tree.n_nodes == 1 and e.max_auto_nodes == 1
+    e = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, flash_attn=False, exact=True)
+    assert e.exact_batch == 1 and e.tree.n_nodes == 1 and e.max_auto_nodes == 1 and e.guarantee == "bitwise"
     assert "decodes plainly" in capsys.readouterr().err
+    auto = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, flash_attn=False)
+    err = capsys.readouterr().err
+    assert auto.exact_batch == 1 and not auto.exact and auto.max_auto_nodes == 64 and auto.guarantee == "verified"
+    assert "verified row" in err and "decodes plainly" not in err and err.count("on this device no batch") == 1
     free = Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, n_threads=1, flash_attn=False, exact=False)
-    assert free.max_auto_nodes == 64 and "decodes plainly" not in capsys.readouterr().err
+    assert free.max_auto_nodes == 64 and capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="exact must be"):
+        Engine(models["f32"].path, models["f32_heads"].path, n_ctx=512, exact="yes")
+
+
+def test_costs_are_measured_with_graph_reuse(models):
+    """measure_costs times each size back to back after warm-up decodes, so every timed decode
+    reuses llama.cpp's compute graph as steps of one tree do (graph_reuse 1.0); the per-sample
+    interleaving it replaced (one decode per size in turn, no warm-up) reuses none, which the count
+    tells apart."""
+    from medusa_edge._loader import native
+
+    e = Engine(models["f32"].path, tree="chain:0", n_ctx=512, flash_attn=False, exact=False)
+    c = tune.measure_costs(e.ctx, native, e.model, None, max_batch=8, time_budget=0.3, sizes=[1, 2, 4, 8],
+                           linear_cutoff=False)
+    assert c.batch == [1, 2, 4, 8] and c.graph_reuse == 1.0 and all(t > 0 for t in c.t_decode)
+    c = tune.measure_costs(e.ctx, native, e.model, None, max_batch=8, time_budget=0.3, sizes=[1, 2, 4, 8],
+                           linear_cutoff=False, burst=1, warmup=0)
+    assert c.graph_reuse < 0.05  # at most the first, after the size-1 decodes that measure t(1)
+    # planned shapes: the B-node prefix of the planner's order, with its leaves as sequences
+    shape_of = tune.planned_shapes(native, tune.VICUNA_7B_PROFILE, 4, max_leaves=4)
+    s = shape_of(8)
+    assert s.n_nodes == 8 and 1 < s.n_leaves <= 4
+    order = tune.grow_tree(tune.VICUNA_7B_PROFILE, 8, 4, max_leaves=4)
+    assert s.n_leaves == Tree.from_paths(order).n_leaves
