@@ -70,3 +70,21 @@ def test_step_time_includes_the_device(gpu_model):
     for _ in e.generate([1, 5, 6, 7], GREEDY, 64, stats=st, reuse_prefix=False):
         pass
     assert st.steps > 0 and st.t_decode > st.t_other
+
+
+def test_auto_exact_runs_trees_on_the_gpu(gpu_model, capsys):
+    """exact="auto" (the default): where the GPU has no exact batch, Medusa keeps its trees, verified
+    per row, and says so; the lean heads pass (an argmax at k = 1, no softmax) runs on the device."""
+    path, heads_path = gpu_model
+    med = Engine(path, heads_path, tree="chain:3", n_ctx=1024, n_gpu_layers=-1)
+    if med.exact_batch < 2:
+        assert med.guarantee == "verified" and med.tree.n_nodes == 4
+    else:
+        assert med.guarantee == "bitwise" and med.tree.n_nodes == min(4, med.exact_batch)
+    h = np.random.default_rng(2).standard_normal(med.heads.n_embd).astype(np.float32)
+    ids, _ = med.heads.propose_hidden(h, 1, 4, 0, logp=False)
+    assert ids.shape == (4, 1) and not med.heads.on_fallback and "ARGMAX" in med.heads.graph_ops(1, 4, False)
+    auto = Engine(path, heads_path, n_ctx=1024, n_gpu_layers=-1)
+    with capsys.disabled():
+        print(f"\n[gpu] exact batch {med.exact_batch}, guarantee {med.guarantee}; auto: up to {auto.max_auto_nodes} "
+              f"nodes, planned {auto.tree.n_nodes}, graph reuse while measuring {auto.costs.graph_reuse if auto.costs else '-'}")
