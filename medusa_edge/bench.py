@@ -320,7 +320,6 @@ def main(argv=None) -> int:
     from ._loader import native
     from .api import Medusa, chat_prompt_tokens, prompt_tokens
     from .engine import Engine
-    from .tree import Tree
     from .errors import MedusaError
     from .train_heads import load_prompts
 
@@ -363,15 +362,8 @@ def main(argv=None) -> int:
                                                                      n_threads=eng.n_threads, n_threads_long=eng.n_threads_long,
                                                                      shape_of=shape_of))
         plan = tune.plan(prof, costs, eng.max_auto_nodes, max_leaves=eng.max_auto_leaves)
-        plan_long = tune.plan(prof, costs, eng.max_auto_nodes, max_leaves=eng.max_auto_leaves, long_context=True) \
-            if eng.n_threads_long != eng.n_threads else plan
-        tree, tree_long = plan.paths, plan_long.paths
-        replay_eng = None
-        if plan.paths or plan_long.paths:
-            # the context gets one sequence per leaf of the wider tree; then each regime its own tree
-            wide = max((plan.paths, plan_long.paths), key=lambda p: Tree.from_paths(p).n_leaves)
-            replay_eng = Engine(eng.model_path, None, tree=wide, **kw)
-            replay_eng.use_trees(plan.paths, plan_long.paths)
+        tree = tree_long = plan.paths
+        replay_eng = Engine(eng.model_path, None, tree=plan.paths, **kw) if plan.paths else None
         # one proposer per replayed method, each seeded by the prompt: every tree sees its own draws,
         # whatever ran before it; the warm-up knows no continuation
         proposers: dict = {}

@@ -74,6 +74,7 @@ class Stats:
     n_generated: int = 0
     steps: int = 0  # tree forwards (the prefill's forward is not a step)
     realigned: int = 0  # accepted tokens decoded again to keep the KV cache in position order (exact mode)
+    padded: int = 0  # plain steps decoded with a scratch row, as batched rows (exact mode, past 256 cells)
     accepted_hist: Counter = field(default_factory=Counter)  # accepted candidates per step -> count
     head_accepts: list = field(default_factory=list)  # [n_heads] steps in which head i's node was accepted
     t_prefill: float = 0.0
@@ -102,6 +103,7 @@ class Stats:
             "generated_tokens": self.n_generated,
             "tokens_per_step": round(self.tokens_per_step, 4),
             "realigned_tokens": self.realigned,
+            "padded_steps": self.padded,
             "accepted_length_histogram": {int(k): int(v) for k, v in sorted(self.accepted_hist.items())},
             "head_acceptance": [round(a / self.steps, 4) if self.steps else 0.0 for a in self.head_accepts],
             "time_prefill_s": round(self.t_prefill, 6),
@@ -234,7 +236,7 @@ class Engine:
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
         self._on_gpu = on_gpu
-        self._set_long_threads((self.auto and self.max_auto_nodes >= 2) or self.tree.n_nodes > 1)
+        self._set_long_threads(self.tree.n_nodes > 1)  # auto: again once planned
         self._n_threads_single = n_threads  # what the context has now (see _threads_for)
         self.flash_attn = bool(self.ctx.flash_attn)
         medusa_on = self.auto or self.tree.n_nodes > 1
@@ -273,14 +275,29 @@ class Engine:
             self._tune(exactness.cache_key(model_path, n_threads=n_threads, flash_attn=fa, f32_kv=f32_kv, type_k=tk, type_v=tv,
                                            n_gpu_layers=n_gpu_layers))
 
-    def _set_long_threads(self, trees: bool) -> None:
-        """Threads of one-token decodes once the KV cache is past the split: in exact mode on a CPU
-        with trees that may run, ``exactness.single_threads``' count, so they are computed as the
-        trees' batched rows are; otherwise all threads, as llama.cpp decodes plainly (a GGUF
-        without heads decodes as fast as llama.cpp, and its text equals llama.cpp's on all threads)."""
+    def _single_threads_long(self) -> int:
+        """Threads exact mode gives a one-token decode past the split among tree steps on a CPU."""
         split = exactness.kv_may_split(self.ctx.type_k, self.ctx.type_v)
-        self.n_threads_long = exactness.single_threads(self.n_threads, exactness.SPLIT_FREE_CELLS + 1, split) \
-            if self.exact and trees and not self._on_gpu else self.n_threads
+        return exactness.single_threads(self.n_threads, exactness.SPLIT_FREE_CELLS + 1, split) \
+            if self.exact and not self._on_gpu else self.n_threads
+
+    def _set_long_threads(self, trees: bool) -> None:
+        """Threads of one-token decodes once the KV cache is past the split. ``trees``: whether any
+        tree may run. With one, in exact mode on a CPU, ``_single_threads_long``, so they are
+        computed as the tree's batched rows are (also a tree used only below the split: its last
+        step may write rows past it, seen to change the text); without, all threads, as llama.cpp
+        decodes plainly: then the text equals llama.cpp's on all threads, at its speed (a GGUF
+        without heads, or heads whose auto tree does not pay)."""
+        self.n_threads_long = self._single_threads_long() if trees else self.n_threads
+        # A plain step there can instead decode its token with a scratch row after it (a 2-node
+        # chain whose second cell is dropped at commit): row 0 is then a batched row, on all threads,
+        # which the exact region makes bit-identical to the one-thread decode. Taken where the
+        # measured t(2) beats the one-thread t(1) (tune.plain_step_s), or, unmeasured, on 2+ threads.
+        # Measured on the 2-core test machine (bench/plain_vs_llama.py): slower for SmolLM2 Q4_1,
+        # whose 2-row products cost 1.8 one-row ones, so unmeasured (fixed trees) it stays off.
+        costs = getattr(self, "costs", None)
+        self.pad_long = self.n_threads_long < self.n_threads and self.exact_batch >= 2 and (
+            costs is not None and costs.t_single_long > 0 and costs.decode(2) < costs.t_single_long)
 
     @property
     def guarantee(self) -> str:
@@ -310,7 +327,8 @@ class Engine:
                 print("medusa-edge: measuring verification costs on this device (once)", file=sys.stderr)
             shape_of = tune.planned_shapes(native, prior, n_heads, self.max_auto_leaves)
             return tune.measure_costs(self.ctx, native, self.model, self.heads, max_batch=self.max_auto_nodes,
-                                      n_threads=self.n_threads, n_threads_long=self.n_threads_long, shape_of=shape_of)
+                                      n_threads=self.n_threads, n_threads_long=self._single_threads_long(),
+                                      shape_of=shape_of)
 
         self.costs, _ = tune.cached_costs(key, measure)
         self._n_threads_single = self.ctx.n_threads
@@ -322,22 +340,16 @@ class Engine:
     REPLAN_EVERY = 64
 
     def _replan(self) -> None:
-        """Both auto trees from the live accuracies and live step costs: ``tree`` while one-token
-        decodes get all threads, ``tree_long`` once they get ``n_threads_long`` (plain decoding is
-        slower there, so a tree pays sooner)."""
-        acc = self.live.estimate()
-        factor = self.live_costs.factor()
-
-        def one(long_context: bool) -> tune.Plan:
-            return tune.plan(acc, self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads,
-                             max_leaves=self.max_auto_leaves, long_context=long_context, tree_cost_factor=factor)
-
-        self.plan = one(False)
-        self.plan_long = one(True) if self.n_threads_long != self.n_threads else self.plan
-        for attr, p in (("tree", self.plan), ("tree_long", self.plan_long)):
-            if tuple(tuple(x) for x in p.paths) != getattr(self, attr).paths:
-                setattr(self, attr, Tree.from_paths(p.paths))
-                self._shapes.clear()
+        """The auto tree from the live accuracies and live step costs, against plain decoding at
+        llama.cpp's speed; the same tree before and past the split (``tree_long``), whose threads
+        follow it (``_set_long_threads``)."""
+        self.plan = tune.plan(self.live.estimate(), self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads,
+                              max_leaves=self.max_auto_leaves, tree_cost_factor=self.live_costs.factor())
+        self.plan_long = self.plan
+        if tuple(tuple(x) for x in self.plan.paths) != self.tree.paths:
+            self.tree = self.tree_long = Tree.from_paths(self.plan.paths)
+            self._shapes.clear()
+        self._set_long_threads(self.tree.n_nodes > 1)
         self._planned_at = self.live.steps
 
     # -- setup ---------------------------------------------------------------------------------
@@ -374,7 +386,7 @@ class Engine:
         self.tree, self.tree_long = out
         self.auto, self.live, self.live_costs = False, None, None
         self._shapes.clear()
-        self._set_long_threads(any(t.n_nodes > 1 for t in out))
+        self._set_long_threads(self.tree.n_nodes > 1 or self.tree_long.n_nodes > 1)
 
     def _choose_tree(self, tree) -> Tree:
         """A fixed tree: the caller's; "heads" for the one stored in the heads file (else the
@@ -539,7 +551,13 @@ class Engine:
                 proposals = self._propose(tree, row, generated, proposer)
                 stats.t_heads += time.perf_counter() - th
                 # build tree, verify (one forward)
-                tokens = tree.candidate_tokens(root, proposals) if tree.n_nodes > 1 else np.array([root], np.int32)
+                if tree.n_nodes > 1:
+                    tokens = tree.candidate_tokens(root, proposals)
+                elif long and self.pad_long and self.n_ctx - n_past >= 2:  # a plain step as a batched row
+                    tokens, shape = np.array([root, root], np.int32), self._chain_shape(2)
+                    stats.padded += 1
+                else:
+                    tokens = np.array([root], np.int32)
                 td = time.perf_counter()
                 self._threads_for(n_past + len(tokens))
                 self.ctx.decode_tree(shape, tokens, n_past)

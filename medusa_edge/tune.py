@@ -148,12 +148,13 @@ def expected_tokens(rank_acc, paths: Sequence[Sequence[int]]) -> float:
 
 
 def plan(rank_acc, costs: Costs, max_nodes: int, max_depth: Optional[int] = None, margin: float = 0.03,
-         max_leaves: Optional[int] = None, long_context: bool = False, tree_cost_factor: float = 1.0) -> Plan:
+         max_leaves: Optional[int] = None, tree_cost_factor: float = 1.0) -> Plan:
     """The prefix of ``grow_tree``'s order (at most ``max_nodes`` nodes with the root and
     ``max_leaves`` leaves) with the most expected tokens per second, or no tree when none beats
-    plain decoding by ``margin``. ``long_context``: plain decoding costs ``t_single_long``.
+    plain decoding by ``margin``. Plain decoding is llama.cpp's: a one-token decode on all threads,
+    at any context length (where no tree pays, the engine decodes exactly so, threads included).
     ``tree_cost_factor`` scales what a tree step costs beyond a plain step (``LiveCosts``)."""
-    plain_s = plain_step_s(costs, long_context)
+    plain_s = plain_step_s(costs)
     order = grow_tree(rank_acc, max(1, max_nodes), max_depth, max_leaves=max_leaves)
     table = [(1, 1.0, plain_s, 1.0)]
     best = (1.0, 0, 1.0)  # (speedup, n paths, E)
@@ -178,8 +179,14 @@ def tree_step_s(costs: Costs, n_nodes: int, depth: int) -> float:
 
 
 def plain_step_s(costs: Costs, long_context: bool = False) -> float:
-    """Predicted seconds of a plain step (one token)."""
-    t1 = costs.t_single_long if long_context and costs.t_single_long > 0 else costs.decode(1)
+    """Predicted seconds of a plain step (one token). ``long_context``: a plain step among tree
+    steps past 256 KV cells, which exact mode decodes on fewer threads (``t_single_long``) or,
+    where that is faster, as the first row of a 2-token batch on all threads (``decode(2)``; the
+    engine's ``pad_long``)."""
+    if long_context and costs.t_single_long > 0:
+        t1 = min(costs.t_single_long, costs.decode(2)) if len(costs.batch) > 1 else costs.t_single_long
+    else:
+        t1 = costs.decode(1)
     return t1 + costs.t_host_plain
 
 

@@ -75,20 +75,16 @@ def main(argv=None) -> int:
         else:
             print(f"\nchosen{where}: no tree (plain decoding): no tree is expected to beat it by 3% on this device")
 
-    pl = e.plan_long
-    if pl is p:
-        chosen(p, "")
-    else:
-        chosen(p, f" while the KV cache holds up to {SPLIT_FREE_CELLS} cells")
-        print(f"\npast {SPLIT_FREE_CELLS} cells exact mode decodes single tokens on {e.n_threads_long} thread(s), "
-              f"t(1) = {c.t_single_long * 1e3:.2f} ms:")
-        table(pl)
-        chosen(pl, " past that")
+    chosen(p, "")
+    if p.paths and e.n_threads_long != e.n_threads:
+        print(f"past {SPLIT_FREE_CELLS} KV cells exact mode decodes the tree's occasional plain steps on "
+              f"{e.n_threads_long} thread(s), t(1) = {c.t_single_long * 1e3:.2f} ms"
+              + (", or as a 2-token batch on all threads where that is faster" if e.pad_long else ""))
     if args.json:
         from dataclasses import asdict
 
         with open(args.json, "w") as f:
-            json.dump({"costs": asdict(c), "plan": asdict(p), "plan_long": asdict(pl), "accuracy": acc.tolist(),
+            json.dump({"costs": asdict(c), "plan": asdict(p), "accuracy": acc.tolist(),
                        "accuracy_source": src}, f, indent=1)
     return 0
 

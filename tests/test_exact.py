@@ -43,9 +43,9 @@ def run(engine, ids, params, n, proposer=None, stats=None):
     return out
 
 
-def run_plain(engine, ids, n):
-    """The engine's own plain decoding (no tree), with the threads its exact mode gives one-token decodes."""
-    return [t for new in engine.generate(ids, GREEDY, n, reuse_prefix=False, max_depth=0) for t in new]
+def run_plain(engine, ids, n, stats=None):
+    """The engine's own plain decoding (no tree), as its exact mode decodes single tokens."""
+    return [t for new in engine.generate(ids, GREEDY, n, reuse_prefix=False, max_depth=0, stats=stats) for t in new]
 
 
 def llama_cpp_greedy(base, model, ids, n):
@@ -237,18 +237,24 @@ def test_split_boundary_all_threads_up_to_256_cells(quant_models):
 
 def test_generation_across_the_split_identical(quant_models):
     """An answer that starts below 256 KV cells (one-token decodes on both threads) and ends past
-    them (one thread, with a tree in the engine) equals llama-cpp-python's with one-token decodes on
-    one thread, plainly and with a branching tree; the context's threads follow the cache."""
+    them equals llama-cpp-python's with one-token decodes on one thread there, plainly and with a
+    branching tree. Plain steps past 256 cells padded to a 2-token batch on both threads (a scratch
+    row after the token; what measured costs choose where it is faster) are still bit-identical to
+    those one-thread decodes."""
     path = quant_models["Q8_0"]
     med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=1024, n_threads=2)
+    assert not med.pad_long and med.n_threads_long == 1  # unmeasured (a fixed tree): one thread
+    med.pad_long = True
     base = llama_cpp_baseline(med, n_ctx=1024)
     rng = np.random.default_rng(11)
     ids = [1] + [int(t) for t in rng.integers(3, med.model.n_vocab, 40)]
-    run_plain(med, ids, 8)
-    assert med.ctx.n_threads == 2
+    st = Stats()
+    run_plain(med, ids, 8, st)
+    assert med.ctx.n_threads == 2 and st.padded == 0
     ids = [1] + [int(t) for t in rng.integers(3, med.model.n_vocab, 200)]
-    ref = run_plain(med, ids, N_TOKENS)
-    assert med.ctx.n_threads == 1
+    st = Stats()
+    ref = run_plain(med, ids, N_TOKENS, st)
+    assert st.padded == len(ids) + N_TOKENS - 1 - 256  # every step whose KV cache passes 256 cells
     lcp = llama_cpp_greedy(base, med.model, ids, N_TOKENS)
     assert lcp == ref, f"plain decoding differs from llama-cpp-python at {first_divergence(lcp, ref)}"
     st = Stats()
@@ -390,3 +396,24 @@ def test_llama_cpp_baseline_gets_the_engine_settings(quant_models):
     assert (cp.n_batch, cp.n_ubatch) == (e.ctx.n_batch, e.ctx.n_ubatch)
     assert (cp.type_k, cp.type_v) == (e.ctx.type_k, e.ctx.type_v) == (8, 8)
     assert cp.flash_attn_type == (1 if e.flash_attn else 0)
+
+
+def test_no_tree_past_the_split_decodes_as_llama_cpp(quant_models):
+    """Heads loaded but no tree to run (tree="auto" planned none, or a fixed one-node tree): one-token
+    decodes keep all threads past 256 KV cells, so the text equals llama-cpp-python's on all threads
+    bit for bit, at its speed. A tree used below the split only still brings the one-thread rule back
+    (its last step may write batched rows past 256 cells)."""
+    path = quant_models["Q8_0"]
+    e = Engine(path, path.replace(".gguf", ".medusa.gguf"), n_ctx=1024, n_threads=2)  # auto
+    e.use_trees("chain:0")
+    assert e.n_threads_long == 2 and e.guarantee == "bitwise"
+    rng = np.random.default_rng(15)
+    ids = [1] + [int(t) for t in rng.integers(3, e.model.n_vocab, 300)]
+    base = llama_cpp_baseline(e, n_ctx=1024)
+    assert base.context_params.n_threads == 2
+    ref = llama_cpp_greedy(base, e.model, ids, N_TOKENS)
+    got = run(e, ids, GREEDY, N_TOKENS)
+    assert got == ref, f"differs from llama-cpp-python on 2 threads at {first_divergence(got, ref)}"
+    assert e.ctx.n_threads == 2
+    e.use_trees("chain:3", "chain:0")
+    assert e.n_threads_long == 1
