@@ -8,9 +8,11 @@ chunks in llama-cpp-python's dict shapes, plus a ``medusa`` entry with the stati
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import os
 import random
 import sys
+import threading
 import time
 import uuid
 from typing import Iterator, Optional, Sequence, Union
@@ -18,7 +20,9 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import chat_template, schema
+from . import grammar as _grammar
 from .engine import Engine, Proposer, SamplingParams, Stats
+from .errors import ClosedError
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED
 
@@ -156,12 +160,41 @@ class Medusa:
         self.model_path = model_path
         self.verbose = verbose
         self._seed = seed
+        # the embeddings context (create_embedding/embed): made on first use, beside generation's
+        self._embedder = None
+        self._embed_lock = threading.Lock()
+        self._embed_settings = (n_batch, -1 if flash_attn is None else int(bool(flash_attn)))
         self.engine = Engine(
             model_path, heads_path, tree=tree, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
             n_gpu_layers=n_gpu_layers, f32_kv=f32_kv, flash_attn=flash_attn, type_k=type_k, type_v=type_v, exact=exact,
             verbose=verbose,
         )
         self.last_stats: Optional[Stats] = None
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the native model, its contexts (generation's and the embeddings') and the heads.
+        Waits for a generation running in another thread; a stream of this instance left open
+        raises BusyError when resumed; every later call raises ClosedError. Closing twice is a no-op."""
+        engine = self.__dict__.get("engine")
+        if engine is None or isinstance(engine, _Closed):
+            return
+        with self._embed_lock:
+            engine._claim(object())  # never released: the cache belongs to nobody any more
+            self._embedder = None
+            self.engine = _Closed()
+            for name in ("ctx", "heads", "model"):
+                setattr(engine, name, None)
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.__dict__.get("engine"), _Closed)
+
+    def __enter__(self) -> "Medusa":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- tokens ----------------------------------------------------------------------------------
     @property
@@ -186,8 +219,14 @@ class Medusa:
         return list(self.engine.model.tokenize(text, add_bos, special))
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """The tokens' text, as ``Llama.detokenize``: after a leading BOS the first space (the
+        SentencePiece word marker of the first word) is dropped."""
         m = self.engine.model
-        return b"".join(m.token_to_piece(int(t), special) for t in tokens)
+        tokens = [int(t) for t in tokens]
+        out = b"".join(m.token_to_piece(t, special) for t in tokens)
+        if tokens and tokens[0] == m.bos and out[:1] == b" ":
+            return out[1:]
+        return out
 
     def _prompt_tokens(self, prompt: Union[str, Sequence[int]]) -> list[int]:
         return prompt_tokens(self.engine.model, prompt)
@@ -196,6 +235,81 @@ class Medusa:
         """Render ``messages`` with the chat format: ``chat_format`` given at construction, else the
         GGUF's tokenizer.chat_template (sandboxed), else the Vicuna v1.1 format."""
         return render_chat(self.engine.model, messages, add_generation_prompt, template=self.chat_template)
+
+    # -- embeddings ------------------------------------------------------------------------------
+    def pooling_type(self) -> int:
+        """llama.cpp's pooling type for embeddings, from the model's metadata (0 none: one vector
+        per token; 1 mean, 2 cls, 3 last: one per input)."""
+        return self._get_embedder().pooling_type
+
+    def _get_embedder(self):
+        from ._loader import native
+
+        model = self.engine.model  # ClosedError once closed
+        if self._embedder is None:
+            n_batch, flash_attn = self._embed_settings
+            try:
+                self._embedder = native.Embedder(model, n_batch, self.engine.n_threads_batch, flash_attn)
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"embeddings: {e}") from None
+        return self._embedder
+
+    def embed(self, input: Union[str, Sequence[str]], normalize: bool = False, truncate: bool = True,
+              return_count: bool = False):
+        """Embeddings as ``Llama.embed`` gives them: for a string one embedding, for a list one per
+        string. With pooling (the model's metadata says mean, cls or last) an embedding is a list of
+        n_embd floats; without (generative models) a list of such lists, one per token. Each text is
+        tokenized with BOS; ``truncate`` keeps its first n_batch tokens, else a longer one raises
+        ValueError. ``normalize``: unit L2 norm. ``return_count``: also the number of tokens.
+        Runs on a context of its own: generation's KV cache and prefix reuse are untouched."""
+        inputs = [input] if isinstance(input, str) else input
+        if not isinstance(inputs, (list, tuple)) or not inputs or not all(isinstance(t, str) for t in inputs):
+            raise ValueError("input must be a string or a non-empty list of strings")
+        with self._embed_lock:
+            emb = self._get_embedder()
+            n_batch, n_seq_max = emb.n_batch, emb.n_seq_max
+            data: list = []
+            total = 0
+            group: list[list[int]] = []
+            n_group = 0
+
+            def flush():
+                for a in emb.embed(group):
+                    a = a.astype(np.float64)
+                    if normalize:  # llama-cpp-python's normalize_embedding, per vector (same rounding)
+                        a = np.array([v / n if n != 0.0 else v for v in a.reshape(-1, a.shape[-1])
+                                      for n in (float(np.linalg.norm(v)),)]).reshape(a.shape)
+                    data.append(a.tolist())
+
+            for text in inputs:
+                tokens = self.tokenize(text, add_bos=True, special=False)
+                if truncate:
+                    tokens = tokens[:n_batch]
+                if not tokens:
+                    raise ValueError("an input tokenizes to no tokens (an empty string, and the model adds no BOS)")
+                if len(tokens) > n_batch:
+                    raise ValueError(f"Requested tokens ({len(tokens)}) exceed batch size of {n_batch}")
+                total += len(tokens)
+                if group and (n_group + len(tokens) > n_batch or len(group) >= n_seq_max):
+                    flush()
+                    group, n_group = [], 0
+                group.append(tokens)
+                n_group += len(tokens)
+            flush()
+        output = data[0] if isinstance(input, str) else data
+        return (output, total) if return_count else output
+
+    def create_embedding(self, input: Union[str, Sequence[str]], model: Optional[str] = None) -> dict:
+        """``Llama.create_embedding``: OpenAI's embeddings list, with ``usage``."""
+        embeds, total = self.embed(input, return_count=True)
+        if isinstance(input, str):
+            embeds = [embeds]
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(embeds)],
+            "model": model if model is not None else self.model_path,
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }
 
     # -- completion ------------------------------------------------------------------------------
     def create_completion(
@@ -228,21 +342,32 @@ class Medusa:
         *,
         acceptance: str = "exact",
         proposer: Optional[Proposer] = None,
+        response_format=None,
     ):
         """Complete ``prompt``, with ``llama_cpp.Llama.create_completion``'s parameters (same
         positional order) and its dict or chunk shapes, plus a ``medusa`` statistics entry (on the
         response, or on the last chunk). ``temperature == 0`` is greedy; ``< 0`` samples from the
-        penalised distribution with no truncation, as llama-cpp-python does. Parameters this engine
-        cannot honour raise ValueError naming them."""
+        penalised distribution with no truncation, as llama-cpp-python does. ``stopping_criteria``
+        (llama-cpp-python's ``(input_ids, logits) -> bool``, e.g. a ``StoppingCriteriaList``) is asked
+        before each new token and ends the completion with ``finish_reason: "stop"``: a cancel hook.
+        ``grammar`` (GBNF text or a ``llama_cpp.LlamaGrammar``) or ``response_format`` (keyword;
+        ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"schema": ...}}``)
+        constrains the text with llama.cpp's grammar sampler, losslessly: the text is plain
+        decoding's under the same grammar. A grammar or schema that cannot be used raises ValueError.
+        Parameters this engine cannot honour raise ValueError naming them."""
         _unsupported(suffix=(suffix, None), tfs_z=(tfs_z, 1.0), mirostat_mode=(mirostat_mode, 0),
-                     stopping_criteria=(stopping_criteria, None), logits_processor=(logits_processor, None),
-                     grammar=(grammar, None), logit_bias=(logit_bias, None))
+                     logits_processor=(logits_processor, None), logit_bias=(logit_bias, None))
+        constrained = _grammar.resolve(grammar, response_format)
+        if constrained is not None:
+            self.engine.check_grammar(*constrained)
         if logprobs is not None and (not isinstance(logprobs, int) or logprobs < 0):
             raise ValueError(f"logprobs must be a non-negative integer (top alternatives per token), got {logprobs!r}")
         if echo and logprobs is not None:
             raise ValueError("echo with logprobs is not supported (the prompt's logits are not kept)")
         params = self._params(temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                               presence_penalty, seed, acceptance)
+        if constrained is not None:
+            params = dataclasses.replace(params, grammar=constrained[0], grammar_root=constrained[1])
         prompt_ids = self._prompt_tokens(prompt)
         if max_tokens is None or max_tokens <= 0:
             max_tokens = self.n_ctx() - len(prompt_ids)
@@ -251,8 +376,10 @@ class Medusa:
             self.detokenize(prompt_ids).decode("utf-8", "ignore") if echo else "")
         # logprobs' text_offset counts from the prompt's start, as in llama-cpp-python
         offset = len(prompt) if isinstance(prompt, str) else len(self.detokenize(prompt_ids).decode("utf-8", "ignore"))
+        if stopping_criteria is not None and not callable(stopping_criteria):
+            raise ValueError(f"stopping_criteria must be callable (input_ids, logits) -> bool, got {stopping_criteria!r}")
         chunks = self._stream(prompt_ids, params, max_tokens, stops, proposer, logprobs, prefix, model or self.model_path,
-                              offset)
+                              offset, stopping_criteria)
         if stream:
             return chunks
         return _collect(chunks)
@@ -292,13 +419,16 @@ class Medusa:
         *,
         acceptance: str = "exact",
         proposer: Optional[Proposer] = None,
+        stopping_criteria=None,
     ):
         """A chat turn, with ``llama_cpp.Llama.create_chat_completion``'s parameters and shapes:
         the messages rendered with the chat format (the GGUF's template in a sandbox, ``chat_format``
         given at construction, or Vicuna v1.1), then a completion. Streams a role delta, content
-        deltas, then ``finish_reason`` with ``usage`` and ``medusa`` on that last chunk."""
+        deltas, then ``finish_reason`` with ``usage`` and ``medusa`` on that last chunk.
+        ``stopping_criteria`` (keyword; llama-cpp-python's chat call has none): as in
+        ``create_completion``, e.g. ``lambda ids, logits: event.is_set()`` to cancel from another thread."""
         _unsupported(functions=(functions, None), function_call=(function_call, None), tools=(tools, None),
-                     tool_choice=(tool_choice, None), response_format=(response_format, None))
+                     tool_choice=(tool_choice, None))
         if top_logprobs is not None and not logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
         ids = chat_prompt_tokens(self.engine.model, messages, self.chat_template)
@@ -306,7 +436,8 @@ class Medusa:
         out = self.create_completion(
             ids, None, max_tokens, temperature, top_p, min_p, typical_p, n_logprobs, False, stop, frequency_penalty,
             presence_penalty, repeat_penalty, top_k, stream, seed, tfs_z, mirostat_mode, mirostat_tau, mirostat_eta,
-            model, None, logits_processor, grammar, logit_bias, acceptance=acceptance, proposer=proposer,
+            model, stopping_criteria, logits_processor, grammar, logit_bias, acceptance=acceptance, proposer=proposer,
+            response_format=response_format,
         )
         return _chat_chunks(out) if stream else _chat_response(out)
 
@@ -327,7 +458,8 @@ class Medusa:
             seed=int(seed), acceptance=acceptance,
         )
 
-    def _stream(self, prompt_ids, params, max_tokens, stops, proposer, n_logprobs, prefix, model, offset) -> Iterator[dict]:
+    def _stream(self, prompt_ids, params, max_tokens, stops, proposer, n_logprobs, prefix, model, offset,
+                stopping_criteria=None) -> Iterator[dict]:
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
 
         def chunk(text, finish=None, logprobs=None, extra=None):
@@ -344,7 +476,8 @@ class Medusa:
         finish = "length"
         tokens: list[int] = []  # returned candidates (EOG excluded)
         ends: list[int] = []  # len(text.text) after each token: which tokens the returned text covers
-        rows: Optional[list] = [] if n_logprobs is not None else None
+        # the logits that chose each token: for logprobs, and for stopping_criteria's second argument
+        rows: Optional[list] = [] if n_logprobs is not None or stopping_criteria is not None else None
         lp = _Logprobs(self, n_logprobs, offset) if n_logprobs is not None else None
         gen = self.engine.generate(prompt_ids, params, max_tokens, proposer=proposer, stats=stats, logits_out=rows)
         sent_tokens = 0
@@ -354,6 +487,13 @@ class Medusa:
             for new in gen:
                 out = []
                 for t in new:
+                    # llama-cpp-python's contract: called for each new token with the prompt and the
+                    # tokens before it, and the logits that chose it; True ends the completion
+                    # ("stop") without that token. A cancel hook for calls that do not stream.
+                    if stopping_criteria is not None and stopping_criteria(
+                            np.array(prompt_ids + tokens, dtype=np.intc), rows[len(tokens)]):
+                        finish = "stop"
+                        break
                     if m.is_eog(t):
                         finish = "stop"
                         break
@@ -381,6 +521,13 @@ class Medusa:
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": n_completion,
                  "total_tokens": len(prompt_ids) + n_completion}
         yield chunk("", finish, extra={"usage": usage, "medusa": stats.as_dict()})
+
+
+class _Closed:
+    """Stands in for the engine of a closed Medusa: every use raises ClosedError."""
+
+    def __getattr__(self, name):
+        raise ClosedError("this Medusa instance is closed (close() freed its model and contexts); create a new one")
 
 
 def _unsupported(**given) -> None:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -54,15 +55,27 @@ class SamplingParams:
     acceptance: str = "exact"
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
+    #: GBNF text (llama.cpp's grammar sampler, after the penalties as in llama-cpp-python); None: free text.
+    #: One grammar state follows the accepted path, so the output stays plain decoding's under it.
+    grammar: Optional[str] = None
+    grammar_root: str = "root"
 
     def __post_init__(self):
         if self.acceptance not in ("exact", "typical"):
             raise ValueError(f"acceptance must be 'exact' or 'typical' (lossy), got {self.acceptance!r}")
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str) or not self.grammar.strip():
+                raise ValueError("grammar must be non-empty GBNF text")
+            if not isinstance(self.grammar_root, str) or not self.grammar_root:
+                raise ValueError("grammar_root must name the grammar's start rule")
+            if self.acceptance != "exact":
+                raise ValueError("a grammar needs acceptance='exact' (typical acceptance would skip the grammar)")
 
     @property
     def plain_argmax(self) -> bool:
-        """Greedy with no penalties: the argmax computed natively is the whole sampler."""
-        return self.temperature == 0 and self.repeat_penalty == 1.0 and self.frequency_penalty == 0 and self.presence_penalty == 0
+        """Greedy with no penalties and no grammar: the argmax computed natively is the whole sampler."""
+        return (self.temperature == 0 and self.repeat_penalty == 1.0 and self.frequency_penalty == 0
+                and self.presence_penalty == 0 and self.grammar is None)
 
 
 @dataclass
@@ -126,6 +139,28 @@ def read_heads_info(path: str) -> dict:
         return gguf_check.heads_info(gguf_check.read_gguf(path, "heads file"))
     except ValueError as e:
         raise HeadsError(str(e)) from None
+
+
+@contextmanager
+def _progress(what: str, after: float = 1.0):
+    """Say on stderr what is taking long, once it has taken ``after`` seconds, and then how long it
+    took (measurements at a model's first load on a device; cached hits return before ``after``)."""
+    t0 = time.perf_counter()
+    said = threading.Event()
+
+    def say():
+        said.set()
+        print(f"medusa-edge: {what} (first load with these settings; cached afterwards) ...", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(after, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if said.is_set():
+            print(f"medusa-edge: ... done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 class Engine:
@@ -209,8 +244,10 @@ class Engine:
         tv = -1 if type_v is None else int(type_v)
         if self.exact:
             try:  # the probe makes the first contexts: bad settings (a KV type, ...) fail here
-                self.exact_batch, _ = exactness.exact_batch(self.model, model_path, n_threads=n_threads, flash_attn=fa,
-                                                            f32_kv=f32_kv, n_gpu_layers=n_gpu_layers, type_k=tk, type_v=tv)
+                with _progress("measuring which batches this device computes exactly as one-token decodes"):
+                    self.exact_batch, _ = exactness.exact_batch(self.model, model_path, n_threads=n_threads, flash_attn=fa,
+                                                                f32_kv=f32_kv, n_gpu_layers=n_gpu_layers, type_k=tk,
+                                                                type_v=tv)
             except (RuntimeError, ValueError) as e:
                 raise ModelLoadError(str(e)) from None
             if self.exact_batch >= 2:
@@ -323,14 +360,14 @@ class Engine:
             prior[i, : len(row)] = row
 
         def measure():
-            if self.verbose:
-                print("medusa-edge: measuring verification costs on this device (once)", file=sys.stderr)
             shape_of = tune.planned_shapes(native, prior, n_heads, self.max_auto_leaves)
+            gain = tune.tree_gain(prior, n_heads, self.max_auto_leaves)
             return tune.measure_costs(self.ctx, native, self.model, self.heads, max_batch=self.max_auto_nodes,
                                       n_threads=self.n_threads, n_threads_long=self._single_threads_long(),
-                                      shape_of=shape_of)
+                                      shape_of=shape_of, gain=gain)
 
-        self.costs, _ = tune.cached_costs(key, measure)
+        with _progress("measuring what a verification step costs here, for tree=\"auto\""):
+            self.costs, _ = tune.cached_costs(key, measure)
         self._n_threads_single = self.ctx.n_threads
         self.live = tune.LiveAcceptance(prior)
         self.live_costs = tune.LiveCosts()
@@ -650,11 +687,26 @@ class Engine:
 
     # -- phases --------------------------------------------------------------------------------
     def _sampler(self, p: SamplingParams):
+        """The sampler chain of one generation. With a grammar its state advances with every token
+        the chain chooses, and the walk in ``_accept`` chooses only along the accepted path, in
+        order: the state at each node is the one plain decoding has after the same tokens."""
+        if p.grammar is None:
+            return native.Sampler(
+                self.model.n_vocab, p.seed & 0xFFFFFFFF, p.temperature if p.acceptance == "exact" else 0.0,
+                p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.penalty_last_n, p.frequency_penalty, p.presence_penalty,
+                p.typical_p,
+            )
         return native.Sampler(
-            self.model.n_vocab, p.seed & 0xFFFFFFFF, p.temperature if p.acceptance == "exact" else 0.0,
-            p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.penalty_last_n, p.frequency_penalty, p.presence_penalty,
-            p.typical_p,
+            self.model.n_vocab, p.seed & 0xFFFFFFFF, p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty,
+            p.penalty_last_n, p.frequency_penalty, p.presence_penalty, p.typical_p,
+            model=self.model, grammar=p.grammar, grammar_root=p.grammar_root,
         )
+
+    def check_grammar(self, grammar: str, root: str = "root") -> None:
+        """ValueError naming the fault when llama.cpp cannot parse ``grammar`` for this model."""
+        SamplingParams(temperature=0.0, grammar=grammar, grammar_root=root)
+        native.Sampler(self.model.n_vocab, 0, 0.0, 40, 1.0, 0.0, 1.0, 64, model=self.model, grammar=grammar,
+                       grammar_root=root)
 
     def _pick(self, sampler, p: SamplingParams, row: int) -> int:
         """The token the base model chooses at output row ``row`` (the sampler draws and records it)."""

@@ -23,3 +23,7 @@ class ChatTemplateError(MedusaError, ValueError):
 
 class BusyError(MedusaError, RuntimeError):
     """A generator of this instance was resumed after another call had started using its cache."""
+
+
+class ClosedError(MedusaError, RuntimeError):
+    """The instance was closed (``Medusa.close()``): its model and contexts are freed."""

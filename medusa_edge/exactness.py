@@ -93,8 +93,8 @@ def probe(model, *, n_threads: int, flash_attn: int, f32_kv: bool, max_batch: in
             ctx.set_threads(single_threads(n_threads, n_prompt + i + 1, split), n_threads)
             ctx.decode_tree(one, chain[i : i + 1], n_prompt + i)
             single.append(ctx.logits(0))
-        exact = [b for b in sizes if _rows_equal(ctx, chain, single, b, n_prompt)]
-        sizes = [b for b in sizes if b <= (exact[0] if exact else 0)]
+        exact = next((b for b in sizes if _rows_equal(ctx, chain, single, b, n_prompt)), 0)  # the largest
+        sizes = [b for b in sizes if b <= exact]
         del ctx
     return (sizes[0] if sizes else 1), fa_on
 

@@ -108,12 +108,14 @@ def write_llama_gguf(
     arch: str = "llama",
     chat_template: str | None = None,
     residual_scale: float = 1.0,
+    pooling_type: int | None = None,
 ) -> TinyLlama:
     """Write a random-weight Llama GGUF. ``vocab_size`` pads the vocabulary with filler tokens
     (for benchmark-sized models); ``dtype`` is f32, f16 or q8_0 for the matrices.
     ``residual_scale`` scales what each block adds to the residual stream (attn_output and
     ffn_down); a small value gives a nearly bigram model whose greedy text falls into short
-    loops, which Medusa heads can learn (heads training tests)."""
+    loops, which Medusa heads can learn (heads training tests). ``pooling_type`` writes
+    ``{arch}.pooling_type`` (llama.cpp's enum: 1 mean, 2 cls, 3 last), as embedding GGUFs carry."""
     import gguf
 
     tokens, scores, types = make_vocab(n_words, vocab_salt)
@@ -135,6 +137,8 @@ def write_llama_gguf(
                        vocab=(tokens, scores, types))
     if chat_template:
         w.add_chat_template(chat_template)
+    if pooling_type is not None:
+        w.add_pooling_type(gguf.PoolingType(pooling_type))
 
     def put(name, arr):
         if arr.ndim == 2 and dtype == "f16":

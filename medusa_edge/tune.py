@@ -275,7 +275,7 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
                   tolerance: float = 0.03, min_rounds: int = 3, max_rounds: int = 20, burst: int = 3, warmup: int = 2,
                   n_threads: Optional[int] = None, n_threads_long: Optional[int] = None,
                   shape_of: Optional[Callable] = None, sizes: Optional[Sequence[int]] = None,
-                  linear_cutoff: bool = True) -> Costs:
+                  linear_cutoff: bool = True, gain: Optional[Callable] = None, deadline: float = 10.0) -> Costs:
     """Time verification forwards of B tokens after ``n_past`` cached tokens, as steps run them:
     each size back to back, ``warmup`` untimed decodes then ``burst`` timed ones, so llama.cpp
     reuses its compute graph (and a CUDA backend its captured CUDA graph) for the timed ones as it
@@ -283,8 +283,11 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
     llama.cpp reports as reused. Rounds visit the sizes in turn (drift hits all alike) until the
     95% interval of every median is within ``tolerance`` of it, or ``time_budget`` seconds.
     ``shape_of(B)``: the native TreeShape of B nodes the planner would use (default: a chain; the
-    cost depends on B much more than on the mask). Sizes stop growing once the cost is linear
-    (t(B) >= 0.95 B t(1) twice; ``linear_cutoff``): no larger tree can pay. ``sizes``: the B
+    cost depends on B much more than on the mask). Sizes stop growing once no larger tree can pay
+    (``linear_cutoff``): once t(B) >= 0.95 B t(1), or, with ``gain(B)`` (the expected tokens per
+    step of the best B-node tree), once t(B) >= 1.25 gain(B) t(1), twice in a row (the slack
+    leaves room for live accuracies above the expected ones). ``deadline``: seconds for the whole
+    measurement; where it ends the rounds early, the spreads say how far to trust the medians. ``sizes``: the B
     to measure (default ``BATCHES``), capped by the context. Every size runs on ``n_threads``; when
     ``n_threads_long`` differs, a one-token decode on that many threads is timed in the same
     rounds (``t_single_long``). Leaves the context empty, its threads at ``n_threads``."""
@@ -326,11 +329,16 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
         finally:
             ctx.set_threads(threads, threads)
 
+    t_begin = time.perf_counter()
+    late = lambda: time.perf_counter() - t_begin > deadline  # noqa: E731
+    bound = (lambda b: 0.95 * b) if gain is None else (lambda b: min(0.95 * b, 1.25 * gain(b)))  # noqa: E731
     t1 = min(run_burst(1, 3, count=False))
     kept, linear = [], 0
-    for b in sizes:  # the linear cut-off
+    for b in sizes:  # the cut-off: sizes past the last one that could pay are not measured
+        if late() and len(kept) >= 2:
+            break
         kept.append(b)
-        if linear_cutoff and b > 1 and min(run_burst(b, 2, count=False)) >= 0.95 * b * t1:
+        if linear_cutoff and b > 1 and min(run_burst(b, 2, count=False)) >= bound(b) * t1:
             linear += 1
             if linear >= 2:
                 break
@@ -346,8 +354,8 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
         for b in keys:
             samples[b].extend(burst_long() if b == "long" else run_burst(b, burst))
         rounds += 1
-        if rounds >= min_rounds and (all(_spread(samples[b]) <= tolerance for b in keys)
-                                     or time.perf_counter() - t_start > time_budget):
+        if late() or rounds >= min_rounds and (all(_spread(samples[b]) <= tolerance for b in keys)
+                                               or time.perf_counter() - t_start > time_budget):
             break
     t_heads = [0.0]
     if heads is not None:
@@ -383,6 +391,13 @@ def planned_shapes(native, rank_acc, max_depth: Optional[int] = None, max_leaves
     return shape_of
 
 
+def tree_gain(rank_acc, max_depth: Optional[int] = None, max_leaves: Optional[int] = None) -> Callable:
+    """``gain`` for ``measure_costs``: B -> the expected tokens per step of the best B-node tree
+    under these accuracies (the B-node prefix of ``grow_tree``'s order)."""
+    order = grow_tree(rank_acc, max(BATCHES), max_depth, max_leaves=max_leaves)
+    return lambda b: expected_tokens(rank_acc, order[: max(0, b - 1)])
+
+
 #: Host seconds per step beside decode and heads ("other" in `medusa-edge bench`: 0.16 to 0.57 ms
 #: per step on the 2-core test machine, plain and tree steps alike).
 HOST_TREE_S = 3e-4
@@ -409,8 +424,8 @@ def _spread(xs: list) -> float:
 
 # -- cache ----------------------------------------------------------------------------------------
 _lock = threading.Lock()
-#: A measurement whose 95% interval of some median is wider than +-20% gets a warning (still cached:
-#: measuring at every load would cost seconds each time).
+#: A measurement whose 95% interval of some median is wider than +-20% (a busy machine, or rounds cut
+#: short by the deadline) serves this run but is not cached: the next load measures again.
 NOISY_SPREAD = 0.2
 
 
@@ -429,7 +444,8 @@ def cache_key(exactness_key: str, heads_path: Optional[str], max_batch: int, n_c
 
 
 def cached_costs(key: str, measure) -> tuple[Costs, bool]:
-    """(costs, whether they came from the cache); ``measure()`` runs on a miss and is stored."""
+    """(costs, whether they came from the cache); ``measure()`` runs on a miss and is stored unless
+    noisy (``NOISY_SPREAD``)."""
     path = _cache_path()
     with _lock:
         table: dict = {}
@@ -446,8 +462,9 @@ def cached_costs(key: str, measure) -> tuple[Costs, bool]:
             import sys
 
             print("medusa-edge: the verification costs measured now vary by more than "
-                  f"{NOISY_SPREAD:.0%} (is the machine busy?); `medusa-edge tune --remeasure` measures them "
-                  "again when it is idle", file=sys.stderr)
+                  f"{NOISY_SPREAD:.0%} (is the machine busy?): used for this run, not cached; the next load "
+                  "measures them again", file=sys.stderr)
+            return costs, False
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             table = table if isinstance(table, dict) else {}

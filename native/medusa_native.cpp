@@ -46,6 +46,9 @@ using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 static std::mutex g_log_mutex;
 static bool g_verbose = false;
 static std::string g_last_error;
+// every error line since clear_last_error(), first lines only, bounded: a failed grammar parse logs
+// the fault first and a generic "failed to parse grammar" last
+static std::string g_error_lines;
 // llama.cpp resolves flash_attn_type = AUTO while creating a context and exposes the result only
 // in its log ("Flash Attention not supported, set to disabled" when a device lacks the op).
 static bool g_fa_auto_disabled = false;
@@ -57,6 +60,10 @@ static void log_callback(ggml_log_level level, const char *text, void *) {
         std::string t(text);
         while (!t.empty() && (t.back() == '\n' || t.back() == ' ')) t.pop_back();
         if (!t.empty()) g_last_error = t;
+        if (level == GGML_LOG_LEVEL_ERROR && !t.empty() && g_error_lines.size() < 1024) {
+            const std::string first = t.substr(0, std::min(t.find('\n'), (size_t)300));
+            g_error_lines += (g_error_lines.empty() ? "" : "; ") + first;
+        }
     }
     if (g_verbose) fputs(text, stderr);
 }
@@ -64,6 +71,12 @@ static void log_callback(ggml_log_level level, const char *text, void *) {
 static void clear_last_error() {
     std::lock_guard<std::mutex> lock(g_log_mutex);
     g_last_error.clear();
+    g_error_lines.clear();
+}
+
+static std::string error_lines() {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    return g_error_lines;
 }
 
 static std::string last_error() {
@@ -496,14 +509,39 @@ struct Context {
 
 struct Sampler {
     llama_sampler *chain = nullptr;
+    // With a grammar: the model whose vocabulary the grammar sampler points into (kept alive), the
+    // chain's penalties and grammar members (owned by the chain), and a reused candidates buffer.
+    std::shared_ptr<Model> model;
+    llama_sampler *penalties = nullptr, *grammar = nullptr;
+    bool greedy = false;
+    int32_t n_vocab = 0;
+    std::vector<llama_token_data> cur;
 
     // Same order as llama-cpp-python's Llama._init_sampler, so equal settings give equal draws:
-    // penalties, top-k, typical, top-p, min-p, temperature, dist(seed).
-    // temp == 0: greedy; temp < 0: dist over the penalised logits, nothing truncated (llama-cpp-python).
-    Sampler(int32_t n_vocab, uint32_t seed, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
-            int32_t penalty_last_n, float frequency_penalty, float presence_penalty, float typical_p) {
+    // penalties, grammar (GBNF, when given), then greedy, or top-k, typical, top-p, min-p,
+    // temperature, dist(seed). temp == 0: greedy; temp < 0: dist over the penalised (and
+    // grammar-masked) logits, nothing truncated (llama-cpp-python).
+    // A grammar that llama.cpp cannot parse is a std::invalid_argument naming its fault.
+    Sampler(int32_t n_vocab_, uint32_t seed, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+            int32_t penalty_last_n, float frequency_penalty, float presence_penalty, float typical_p,
+            std::shared_ptr<Model> model_, const std::string &grammar_str, const std::string &grammar_root)
+        : model(std::move(model_)), greedy(temp == 0.0f), n_vocab(n_vocab_) {
+        llama_sampler *g = nullptr;
+        if (!grammar_str.empty()) {
+            if (!model) throw std::invalid_argument("a grammar needs the model (its vocabulary)");
+            if (grammar_root.empty()) throw std::invalid_argument("the grammar's root rule name is empty");
+            if (n_vocab != llama_vocab_n_tokens(model->vocab)) throw std::invalid_argument("n_vocab is not the model's");
+            clear_last_error();
+            g = llama_sampler_init_grammar(model->vocab, grammar_str.c_str(), grammar_root.c_str());
+            if (!g) {
+                std::string why = error_lines();
+                throw std::invalid_argument("the grammar could not be parsed" + (why.empty() ? std::string() : " (llama.cpp: " + why + ")"));
+            }
+        }
         chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
-        llama_sampler_chain_add(chain, llama_sampler_init_penalties(n_vocab, penalty_last_n, repeat_penalty, frequency_penalty, presence_penalty));
+        penalties = llama_sampler_init_penalties(n_vocab, penalty_last_n, repeat_penalty, frequency_penalty, presence_penalty);
+        llama_sampler_chain_add(chain, penalties);
+        if (g) llama_sampler_chain_add(chain, grammar = g);
         if (temp < 0.0f) {
             llama_sampler_chain_add(chain, llama_sampler_init_dist(seed));
         } else if (temp == 0.0f) {
@@ -523,13 +561,65 @@ struct Sampler {
     Sampler(const Sampler &) = delete;
     Sampler &operator=(const Sampler &) = delete;
 
-    // Draw from output row `row` of the context's last decode; the token is accepted into the chain.
+    // Draw from output row `row` of the context's last decode; the token is accepted into the chain
+    // (penalty history, grammar state).
     int32_t sample(Context &c, int32_t row) {
-        c.row_logits(row);  // bounds check
-        return llama_sampler_sample(chain, c.ctx, c.row_base + row);
+        const float *logits = c.row_logits(row);  // bounds check
+        if (!grammar) return llama_sampler_sample(chain, c.ctx, c.row_base + row);
+        // With a grammar: llama_sampler_sample's steps (candidates in id order, the chain's members
+        // applied in order, accept the selected token), with two differences that change no choice.
+        // A grammar that allows no token here is an exception, not an accept of a forbidden token
+        // (which llama.cpp aborts on for an end-of-generation token). Greedy first checks the
+        // penalised argmax alone against the grammar: the grammar only masks tokens to -inf, so when
+        // it allows the argmax that is the greedy choice of the masked logits (the first maximum
+        // stays the first), and only a rejected argmax costs the grammar over the whole vocabulary.
+        cur.resize(n_vocab);
+        for (int32_t t = 0; t < n_vocab; ++t) cur[t] = llama_token_data{t, logits[t], 0.0f};
+        llama_token_data_array cur_p = {cur.data(), cur.size(), -1, false};
+        llama_token token = LLAMA_TOKEN_NULL;
+        if (greedy) {
+            llama_sampler_apply(penalties, &cur_p);
+            int32_t best = 0;
+            for (int32_t t = 1; t < n_vocab; ++t)
+                if (cur[t].logit > cur[best].logit) best = t;
+            llama_token_data one = cur[best];
+            llama_token_data_array one_p = {&one, 1, -1, false};
+            llama_sampler_apply(grammar, &one_p);
+            if (one.logit != -INFINITY) {
+                token = one.id;
+            } else {
+                llama_sampler_apply(grammar, &cur_p);
+                best = 0;
+                for (int32_t t = 1; t < n_vocab; ++t)
+                    if (cur[t].logit > cur[best].logit) best = t;
+                if (cur[best].logit == -INFINITY) dead_end();
+                token = cur[best].id;
+            }
+        } else {
+            const int n = llama_sampler_chain_n(chain);
+            for (int i = 0; i < n; ++i) {
+                llama_sampler *s = llama_sampler_chain_get(chain, i);
+                llama_sampler_apply(s, &cur_p);
+                if (s == grammar && !any_allowed(cur_p)) dead_end();
+            }
+            if (cur_p.selected < 0 || cur_p.selected >= (int64_t)cur_p.size) throw std::runtime_error("the sampler selected no token");
+            token = cur_p.data[cur_p.selected].id;
+        }
+        llama_sampler_accept(chain, token);
+        return token;
     }
     void accept(int32_t token) { llama_sampler_accept(chain, token); }
     void reset() { llama_sampler_reset(chain); }
+
+    static bool any_allowed(const llama_token_data_array &a) {
+        for (size_t i = 0; i < a.size; ++i)
+            if (a.data[i].logit != -INFINITY) return true;
+        return false;
+    }
+    [[noreturn]] static void dead_end() {
+        throw std::invalid_argument("the grammar allows no token here: no token of the vocabulary continues the text it "
+                                    "has matched so far (a literal the tokenizer cannot spell?)");
+    }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1240,6 +1330,130 @@ struct Heads {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Embeddings, on a llama.cpp context of their own (embeddings on, pooling from the model's
+// metadata), so generation's context, its KV cache and its prefix reuse are never touched. One
+// call decodes a group of sequences in one batch (sequence i gets seq id i, every token an output
+// row) after clearing the cache, as llama-cpp-python's Llama.embed does.
+
+struct Embedder {
+    std::shared_ptr<Model> model;
+    llama_context *ctx = nullptr;
+    llama_batch batch{};
+    bool batch_ok = false;
+    int32_t n_batch = 0, n_seq_max = 0, n_embd = 0;
+    int pooling = LLAMA_POOLING_TYPE_NONE;
+
+    // n_batch: the most tokens of one call (the context holds exactly one batch, and the whole
+    // batch is one micro-batch: non-causal pooling needs a sequence in one piece). flash_attn: 1 on,
+    // 0 off, -1 llama.cpp's AUTO (as for Context). pooling: a llama_pooling_type, -1 the model's.
+    Embedder(std::shared_ptr<Model> model_, int n_batch_, int n_threads, int flash_attn, int pooling_type)
+        : model(std::move(model_)) {
+        if (pooling_type < -1 || pooling_type > LLAMA_POOLING_TYPE_LAST)
+            throw std::invalid_argument("pooling type must be -1 (the model's), 0 none, 1 mean, 2 cls or 3 last, got " +
+                                        std::to_string(pooling_type));
+        if (n_batch_ < 1) throw std::invalid_argument("n_batch must be at least 1");
+        if (n_threads < 1) throw std::invalid_argument("n_threads must be at least 1");
+        llama_context_params p = llama_context_default_params();
+        p.n_ctx = n_batch_;
+        p.n_batch = n_batch_;
+        p.n_ubatch = n_batch_;
+        p.n_seq_max = std::min<int>(n_batch_, (int)llama_max_parallel_sequences());
+        p.n_threads = n_threads;
+        p.n_threads_batch = n_threads;
+        p.kv_unified = true;
+        p.embeddings = true;
+        p.pooling_type = (llama_pooling_type)pooling_type;  // UNSPECIFIED: the model's own (GGUF metadata)
+        p.flash_attn_type = flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                            : flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        p.abort_callback = abort_requested;
+        p.abort_callback_data = nullptr;
+        clear_last_error();
+        ctx = llama_init_from_model(model->model, p);
+        if (!ctx) throw std::runtime_error("cannot create a llama.cpp context for embeddings" + last_error());
+        pooling = (int)llama_pooling_type(ctx);
+        if (pooling == LLAMA_POOLING_TYPE_RANK) {
+            llama_free(ctx);
+            ctx = nullptr;
+            throw std::invalid_argument("model " + model->path + " is a reranking model (pooling type rank), not an embedding model");
+        }
+        n_batch = (int32_t)llama_n_batch(ctx);
+        n_seq_max = (int32_t)llama_n_seq_max(ctx);
+        n_embd = llama_model_n_embd_out(model->model);
+        batch = llama_batch_init(n_batch, 0, 1);
+        batch_ok = true;
+    }
+    ~Embedder() {
+        if (batch_ok) llama_batch_free(batch);
+        if (ctx) llama_free(ctx);
+    }
+    Embedder(const Embedder &) = delete;
+    Embedder &operator=(const Embedder &) = delete;
+
+    // One float32 array per sequence: [n_tokens, n_embd] without pooling, else [n_embd].
+    py::list embed(const std::vector<std::vector<int32_t>> &seqs) {
+        if (seqs.empty() || (int32_t)seqs.size() > n_seq_max)
+            throw std::invalid_argument("embed takes 1 to " + std::to_string(n_seq_max) + " sequences per call, got " +
+                                        std::to_string(seqs.size()));
+        size_t total = 0;
+        for (const auto &s : seqs) {
+            if (s.empty()) throw std::invalid_argument("embed: a sequence has no tokens");
+            for (int32_t t : s) model->check_token(t);
+            total += s.size();
+        }
+        if (total > (size_t)n_batch)
+            throw std::invalid_argument("embed: " + std::to_string(total) + " tokens exceed the batch of " + std::to_string(n_batch));
+        batch.n_tokens = 0;
+        for (size_t i = 0; i < seqs.size(); ++i)
+            for (size_t j = 0; j < seqs[i].size(); ++j) {
+                const int32_t r = batch.n_tokens++;
+                batch.token[r] = seqs[i][j];
+                batch.pos[r] = (llama_pos)j;
+                batch.n_seq_id[r] = 1;
+                batch.seq_id[r][0] = (llama_seq_id)i;
+                batch.logits[r] = 1;
+            }
+        llama_memory_clear(llama_get_memory(ctx), true);
+        int32_t rc;
+        bool interrupted;
+        clear_last_error();
+        {
+            SigintGuard guard;
+            py::gil_scoped_release release;
+            rc = llama_decode(ctx, batch);
+            interrupted = g_interrupted.load();
+        }
+        if (interrupted || rc == 2) {
+            PyErr_SetNone(PyExc_KeyboardInterrupt);
+            throw py::error_already_set();
+        }
+        if (rc != 0) throw std::runtime_error("embeddings: llama_decode failed with code " + std::to_string(rc) + last_error());
+        py::list out;
+        int32_t row = 0;
+        for (size_t i = 0; i < seqs.size(); ++i) {
+            const int32_t n = (int32_t)seqs[i].size();
+            if (pooling == LLAMA_POOLING_TYPE_NONE) {
+                py::array_t<float> a({(py::ssize_t)n, (py::ssize_t)n_embd});
+                float *dst = a.mutable_data();
+                for (int32_t j = 0; j < n; ++j) {
+                    const float *e = llama_get_embeddings_ith(ctx, row + j);
+                    if (!e) throw std::runtime_error("embeddings: llama.cpp returned no embedding for a token" + last_error());
+                    std::copy(e, e + n_embd, dst + (size_t)j * n_embd);
+                }
+                out.append(a);
+            } else {
+                const float *e = llama_get_embeddings_seq(ctx, (llama_seq_id)i);
+                if (!e) throw std::runtime_error("embeddings: llama.cpp returned no pooled embedding" + last_error());
+                py::array_t<float> a((py::ssize_t)n_embd);
+                std::copy(e, e + n_embd, a.mutable_data());
+                out.append(a);
+            }
+            row += n;
+        }
+        return out;
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "medusa_edge native layer: llama.cpp model/context, tree batches, KV commit, ggml Medusa heads";
@@ -1324,10 +1538,14 @@ PYBIND11_MODULE(_native, m) {
         }, "llama_perf_context's counters: evals, their ms, and n_reused (decodes that reused the previous compute graph).");
 
     py::class_<Sampler>(m, "Sampler")
-        .def(py::init<int32_t, uint32_t, float, int32_t, float, float, float, int32_t, float, float, float>(), py::arg("n_vocab"),
+        .def(py::init<int32_t, uint32_t, float, int32_t, float, float, float, int32_t, float, float, float,
+                      std::shared_ptr<Model>, const std::string &, const std::string &>(), py::arg("n_vocab"),
              py::arg("seed"), py::arg("temp"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("repeat_penalty"),
              py::arg("penalty_last_n"), py::arg("frequency_penalty") = 0.0f, py::arg("presence_penalty") = 0.0f,
-             py::arg("typical_p") = 1.0f)
+             py::arg("typical_p") = 1.0f, py::kw_only(), py::arg("model") = py::none(), py::arg("grammar") = "",
+             py::arg("grammar_root") = "root",
+             "A llama.cpp sampler chain; with `grammar` (GBNF text, root rule `grammar_root`) llama.cpp's grammar sampler "
+             "follows the penalties, as in llama-cpp-python. ValueError for a grammar llama.cpp cannot parse.")
         .def("sample", &Sampler::sample, py::arg("ctx"), py::arg("row"))
         .def("accept", &Sampler::accept, py::arg("token"))
         .def("reset", &Sampler::reset);
@@ -1336,6 +1554,15 @@ PYBIND11_MODULE(_native, m) {
           py::arg("path"), py::arg("what") = "GGUF file",
           "A GGUF file's key/values and tensor table, read by ggml's size-bounded gguf reader (no tensor data). "
           "Raises ValueError naming the file for anything unreadable.");
+
+    py::class_<Embedder>(m, "Embedder")
+        .def(py::init<std::shared_ptr<Model>, int, int, int, int>(), py::arg("model"), py::arg("n_batch"), py::arg("n_threads"),
+             py::arg("flash_attn") = -1, py::arg("pooling_type") = -1)
+        .def_property_readonly("n_batch", [](const Embedder &e) { return e.n_batch; })
+        .def_property_readonly("n_seq_max", [](const Embedder &e) { return e.n_seq_max; })
+        .def_property_readonly("n_embd", [](const Embedder &e) { return e.n_embd; })
+        .def_property_readonly("pooling_type", [](const Embedder &e) { return e.pooling; })
+        .def("embed", &Embedder::embed, py::arg("seqs"));
 
     py::class_<Heads>(m, "Heads")
         .def(py::init<const std::string &, const std::string &, int, bool>(), py::arg("path"), py::arg("model_path"),

@@ -214,3 +214,38 @@ def test_costs_are_measured_with_graph_reuse(models):
     assert s.n_nodes == 8 and 1 < s.n_leaves <= 4
     order = tune.grow_tree(tune.VICUNA_7B_PROFILE, 8, 4, max_leaves=4)
     assert s.n_leaves == Tree.from_paths(order).n_leaves
+
+
+def test_noisy_costs_serve_the_run_but_are_not_cached(tmp_path, monkeypatch, capsys):
+    """A measurement whose medians vary by more than NOISY_SPREAD (a busy machine) is used for this
+    run and says so, but is not stored: the next load measures again; a quiet one is stored."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def measure(spread):
+        def run():
+            calls.append(spread)
+            return tune.Costs(batch=[1, 2], t_decode=[0.01, 0.012], spread=[0.01, spread], t_heads=[0.0])
+        return run
+
+    c, hit = tune.cached_costs("k", measure(0.5))
+    assert not hit and c.spread == [0.01, 0.5] and "not cached" in capsys.readouterr().err
+    c, hit = tune.cached_costs("k", measure(0.02))
+    assert not hit and len(calls) == 2  # measured again
+    c, hit = tune.cached_costs("k", measure(0.02))
+    assert hit and len(calls) == 2 and c.spread == [0.01, 0.02]
+
+
+def test_cost_measurement_stops_where_no_tree_can_pay_and_at_its_deadline(models):
+    """Sizes past the last one whose cost the best tree's expected tokens could cover are not
+    measured (gain); the deadline ends the measurement early (two sizes at least)."""
+    import time
+
+    from medusa_edge._loader import native
+
+    e = Engine(models["f32"].path, tree="chain:0", n_ctx=512, flash_attn=False, exact=False)
+    c = tune.measure_costs(e.ctx, native, e.model, None, max_batch=16, time_budget=0.3, gain=lambda b: 0.0)
+    assert c.batch == [1, 2, 3]  # nothing pays: the cut-off after two sizes past t(1)
+    t0 = time.perf_counter()
+    c = tune.measure_costs(e.ctx, native, e.model, None, max_batch=64, time_budget=5.0, tolerance=0.0, deadline=0.0)
+    assert time.perf_counter() - t0 < 2.0 and c.batch[:2] == [1, 2] and c.rounds == 1
