@@ -268,8 +268,9 @@ class Engine:
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
         n_seq = max(1, self.max_auto_leaves if self.auto else self.tree.n_leaves)
         try:
+            # a leaf's seq id is carried by its path's rows: depth + 1 outputs (device-side greedy)
             self.ctx = native.Context(self.model, n_ctx, n_batch, n_threads, n_seq, f32_kv, fa,
-                                      n_ubatch, self.n_threads_batch, tk, tv)
+                                      n_ubatch, self.n_threads_batch, tk, tv, max(2, n_heads + 1))
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
         self._on_gpu = on_gpu
@@ -335,6 +336,17 @@ class Engine:
         costs = getattr(self, "costs", None)
         self.pad_long = self.n_threads_long < self.n_threads and self.exact_batch >= 2 and (
             costs is not None and costs.t_single_long > 0 and costs.decode(2) < costs.t_single_long)
+
+    #: Device-side greedy (the graph takes each row's argmax; no raw logits come back): None is on
+    #: a GPU, where copying every tree row's logits (64 x 49,152 floats for SmolLM2) costs a transfer;
+    #: off on a CPU, where the host's lazy argmax reads only the accepted path's rows. Tests force it.
+    device_greedy: Optional[bool] = None
+
+    def _device_greedy(self, params: "SamplingParams", logits_out) -> bool:
+        """Whether this generation's rows are chosen on the device: greedy with no penalties and
+        no raw logits wanted (``logits_out``), where ``device_greedy`` allows it."""
+        on = self._on_gpu if self.device_greedy is None else self.device_greedy
+        return bool(on and params.plain_argmax and logits_out is None)
 
     @property
     def guarantee(self) -> str:
@@ -553,6 +565,7 @@ class Engine:
             self._kv_tokens = []  # unknown until the prefill has succeeded
             self.ctx.truncate(n_keep)
             self._threads_for(n_prompt)  # only the last micro-batch may be a single token
+            self.ctx.set_backend_greedy(self._device_greedy(params, logits_out))
             self.ctx.prefill(prompt[n_keep:], n_keep, hidden)
             self._kv_tokens, self._kv_epoch = prompt, self.ctx.epoch
             stats.n_prompt_reused = n_keep

@@ -225,6 +225,26 @@ struct TreeShape {
 
 // ---------------------------------------------------------------------------------------------
 
+// Greedy for llama.cpp's backend sampling that hands back the token alone. llama.cpp's own greedy
+// sampler leaves the row's logits as an output of the sampling graph, and llama.cpp copies every
+// such row to the host (seen: llama_get_logits_ith then returns that copy); this one clears them,
+// so a decode with it on every seq id copies no logits at all (tests/test_engine.py checks).
+namespace argmax_only {
+const char *name(const llama_sampler *) { return "medusa-argmax"; }
+void apply(llama_sampler *, llama_token_data_array *cur_p) {  // on the host: first maximum, as the device's
+    cur_p->selected = 0;
+    for (size_t i = 1; i < cur_p->size; ++i)
+        if (cur_p->data[i].logit > cur_p->data[cur_p->selected].logit) cur_p->selected = (int64_t)i;
+}
+bool backend_init(llama_sampler *, ggml_backend_buffer_type_t, uint32_t) { return true; }
+void backend_apply(llama_sampler *, ggml_context *ctx, ggml_cgraph *, llama_sampler_data *data) {
+    data->sampled = ggml_argmax(ctx, ggml_reshape_1d(ctx, data->logits, ggml_nelements(data->logits)));
+    data->logits = nullptr;
+}
+llama_sampler_i iface = {name, nullptr, apply, nullptr, nullptr, nullptr, backend_init, nullptr, backend_apply,
+                         nullptr, nullptr, nullptr};
+}  // namespace argmax_only
+
 struct Context {
     std::shared_ptr<Model> model;
     llama_context *ctx = nullptr;
@@ -238,14 +258,22 @@ struct Context {
     bool embeddings_on = false;
     std::vector<float> scratch;
     int type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;  // of the KV cache
+    // Device-side greedy (set_backend_greedy): an argmax chain on every seq id, so llama.cpp takes
+    // each output row's argmax in the compute graph (ggml_argmax, lowest id on ties on the CPU) and
+    // copies no logits back; argmax/argmax_row then read the sampled tokens.
+    std::vector<llama_sampler *> greedy;
+    bool backend_greedy = false;
 
     // flash_attn: 1 on, 0 off, -1 llama.cpp's AUTO (on where the device supports it).
     // n_ubatch: llama.cpp splits every decode into micro-batches of at most this many tokens
     // (<= 0: n_batch); the exact mode keeps it inside the batch-invariant region.
     // n_threads serves one-token decodes, n_threads_batch (<= 0: n_threads) every larger batch.
     // type_k/type_v: ggml types of the KV cache (< 0: F16, or F32 with f32_kv), as llama-cpp-python's.
+    // n_outputs_max_per_seq: output rows one seq id may carry in a decode with device-side samplers
+    // (a tree's leaf is carried by its path: depth + 1 rows); <= 0: llama.cpp's default.
     Context(std::shared_ptr<Model> model_, int n_ctx_, int n_batch_, int n_threads, int n_seq_max_,
-            bool f32_kv, int flash_attn_, int n_ubatch_, int n_threads_batch, int type_k = -1, int type_v = -1)
+            bool f32_kv, int flash_attn_, int n_ubatch_, int n_threads_batch, int type_k = -1, int type_v = -1,
+            int n_outputs_max_per_seq = 0)
         : model(std::move(model_)) {
         if (llama_model_is_recurrent(model->model) || llama_model_is_hybrid(model->model))
             throw std::invalid_argument("model " + model->path +
@@ -263,6 +291,7 @@ struct Context {
         p.n_threads = n_threads;
         p.n_threads_batch = n_threads_batch > 0 ? n_threads_batch : n_threads;
         p.kv_unified = true;  // coupled sequences (a tree) need one KV stream
+        if (n_outputs_max_per_seq > 0) p.n_outputs_max_per_seq = (uint32_t)n_outputs_max_per_seq;
         p.embeddings = false;
         p.pooling_type = LLAMA_POOLING_TYPE_NONE;
         p.flash_attn_type = flash_attn_ < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
@@ -303,7 +332,45 @@ struct Context {
     }
     ~Context() {
         if (batch_ok) llama_batch_free(batch);
-        if (ctx) llama_free(ctx);
+        if (ctx) {
+            detach_greedy();
+            llama_free(ctx);
+        }
+    }
+
+    // On: every seq id gets a greedy chain in the graph (the next decode rebuilds it); off: none,
+    // and raw logits are copied again. Raises if llama.cpp refuses a seq id's sampler.
+    void set_backend_greedy(bool on) {
+        if (on == backend_greedy) return;
+        if (on) {  // fresh chains: llama.cpp initialises a chain for the backend once, when attached
+            for (int32_t s = 0; s < n_seq_max; ++s) {
+                llama_sampler *ch = llama_sampler_chain_init(llama_sampler_chain_default_params());
+                llama_sampler_chain_add(ch, llama_sampler_init(&argmax_only::iface, nullptr));
+                greedy.push_back(ch);
+                if (!llama_set_sampler(ctx, s, ch)) {
+                    detach_greedy();
+                    throw std::runtime_error("llama.cpp refused a device-side sampler for seq id " + std::to_string(s) + last_error());
+                }
+            }
+        } else {
+            detach_greedy();
+        }
+        backend_greedy = on;
+    }
+
+    void detach_greedy() {
+        for (size_t s = 0; s < greedy.size(); ++s) llama_set_sampler(ctx, (llama_seq_id)s, nullptr);
+        for (llama_sampler *g : greedy) llama_sampler_free(g);
+        greedy.clear();
+        backend_greedy = false;
+    }
+
+    int32_t sampled_token(int32_t row) const {
+        if (row < 0 || row >= n_outputs) throw std::out_of_range("output row " + std::to_string(row) + " out of range");
+        const llama_token t = llama_get_sampled_token_ith(ctx, row_base + row);
+        if (t < 0 || t >= llama_vocab_n_tokens(model->vocab))
+            throw std::runtime_error("no device-sampled token for row " + std::to_string(row) + last_error());
+        return t;
     }
     Context(const Context &) = delete;
     Context &operator=(const Context &) = delete;
@@ -456,6 +523,8 @@ struct Context {
 
     const float *row_logits(int32_t row) const {
         if (row < 0 || row >= n_outputs) throw std::out_of_range("output row " + std::to_string(row) + " out of range");
+        if (backend_greedy)
+            throw std::runtime_error("raw logits are not copied while the device samples greedily (set_backend_greedy(False))");
         const float *p = llama_get_logits_ith(ctx, row_base + row);
         if (!p) throw std::runtime_error("no logits for row " + std::to_string(row) + last_error());
         return p;
@@ -468,6 +537,10 @@ struct Context {
         py::array_t<int32_t> out(n_rows);
         auto o = out.mutable_unchecked<1>();
         for (int32_t r = 0; r < n_rows; ++r) {
+            if (backend_greedy) {
+                o(r) = sampled_token(r);
+                continue;
+            }
             const float *l = row_logits(r);
             o(r) = (int32_t)(std::max_element(l, l + n_vocab) - l);
         }
@@ -476,6 +549,7 @@ struct Context {
 
     // argmax of one row's logits (lowest id wins ties): greedy acceptance reads only the rows it walks.
     int32_t argmax_row(int32_t row) const {
+        if (backend_greedy) return sampled_token(row);
         const int32_t n_vocab = llama_vocab_n_tokens(model->vocab);
         const float *l = row_logits(row);
         return (int32_t)(std::max_element(l, l + n_vocab) - l);
@@ -1362,7 +1436,7 @@ struct Embedder {
         p.n_threads_batch = n_threads;
         p.kv_unified = true;
         p.embeddings = true;
-        p.pooling_type = (llama_pooling_type)pooling_type;  // UNSPECIFIED: the model's own (GGUF metadata)
+        p.pooling_type = (enum llama_pooling_type)pooling_type;  // UNSPECIFIED: the model's own (GGUF metadata)
         p.flash_attn_type = flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
                             : flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
         p.abort_callback = abort_requested;
@@ -1502,10 +1576,30 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_leaves", &TreeShape::n_leaves);
 
     py::class_<Context>(m, "Context")
-        .def(py::init<std::shared_ptr<Model>, int, int, int, int, bool, int, int, int, int, int>(), py::arg("model"),
+        .def(py::init<std::shared_ptr<Model>, int, int, int, int, bool, int, int, int, int, int, int>(), py::arg("model"),
              py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_seq_max"), py::arg("f32_kv") = false,
              py::arg("flash_attn") = -1, py::arg("n_ubatch") = 0, py::arg("n_threads_batch") = 0, py::arg("type_k") = -1,
-             py::arg("type_v") = -1)
+             py::arg("type_v") = -1, py::arg("n_outputs_max_per_seq") = 0)
+        .def("set_backend_greedy", &Context::set_backend_greedy, py::arg("on"),
+             "Device-side greedy on every seq id: argmax/argmax_row read llama.cpp's sampled tokens, no raw logits are "
+             "copied (logits() raises); off copies them again.")
+        .def_readonly("backend_greedy", &Context::backend_greedy)
+        .def("_logits_buffer_row", [](const Context &c, int32_t row) {
+            // tests: llama.cpp's host logits buffer for a row, read without the backend-greedy check
+            const float *p = llama_get_logits_ith(c.ctx, c.row_base + row);
+            if (!p) throw std::runtime_error("no logits buffer row");
+            py::array_t<float> out(llama_vocab_n_tokens(c.model->vocab));
+            std::memcpy(out.mutable_data(), p, sizeof(float) * out.size());
+            return out;
+        })
+        .def("_poison_logits_buffer", [](Context &c) {
+            // tests: fill the host logits buffer's rows of the last decode with NaN
+            const int32_t n_vocab = llama_vocab_n_tokens(c.model->vocab);
+            for (int32_t r = 0; r < c.n_outputs; ++r) {
+                float *p = llama_get_logits_ith(c.ctx, c.row_base + r);
+                if (p) std::fill(p, p + n_vocab, NAN);
+            }
+        })
         .def_property_readonly("type_k", [](const Context &c) { return c.type_k; })
         .def_property_readonly("type_v", [](const Context &c) { return c.type_v; })
         .def("synchronize", [](Context &c) {

@@ -362,3 +362,44 @@ def test_fixed_tree_steps_reuse_the_graph(models, plain):
         e2.ctx.truncate(len(ids))
         e2.ctx.decode_tree(e2._shape(False, 1 + i % 3, 64)[1], np.full(2 + i % 3, 5, np.int32), len(ids))
     assert e2.ctx.perf()["n_reused"] == r1
+
+
+def test_device_side_greedy_takes_each_row_on_the_device(models, plain):
+    """With a greedy chain on every seq id (llama.cpp's backend sampling), a tree decode's rows are
+    chosen in the graph: the tokens equal the host's argmax of the same rows, ties included (lowest
+    id), and no raw logits come back (the host buffer keeps what was written there before); a
+    generation with it on equals plain decoding. It is on by default only on a GPU."""
+    e = Engine(models["f32"].path, models["f32_heads"].path, tree="mc_sim_7b_63", n_ctx=512, **F32)
+    assert e.device_greedy is None and not e._device_greedy(GREEDY, None)  # CPU: host argmax
+    ids = e.model.tokenize("the world is", True, False)
+    ctx, tree = e.ctx, e.tree
+    shape = e._shape(False, tree.max_depth, 512)[1]
+    toks = np.array([(7 * i + 3) % e.model.n_vocab for i in range(tree.n_nodes)], np.int32)
+    ctx.truncate(0)
+    ctx.prefill(ids, 0, False)
+    ctx.decode_tree(shape, toks, len(ids))
+    host = ctx.argmax(tree.n_nodes)
+    row0 = ctx.logits(0)
+    ctx.set_backend_greedy(True)
+    ctx.truncate(len(ids))
+    ctx.decode_tree(shape, toks, len(ids))  # llama.cpp sizes its output buffer for sampling here
+    ctx._poison_logits_buffer()
+    ctx.truncate(len(ids))
+    ctx.decode_tree(shape, toks, len(ids))
+    np.testing.assert_array_equal(ctx.argmax(tree.n_nodes), host)
+    assert [ctx.argmax_row(r) for r in range(tree.n_nodes)] == host.tolist()
+    assert np.isnan(ctx._logits_buffer_row(0)).all()  # not copied
+    with pytest.raises(RuntimeError, match="not copied"):
+        ctx.logits(0)
+    ctx.set_backend_greedy(False)
+    ctx.truncate(len(ids))
+    ctx.decode_tree(shape, toks, len(ids))
+    np.testing.assert_array_equal(ctx.logits(0), row0)
+    truth = ids_of(plain, ids, GREEDY, 60)
+    e.device_greedy = True
+    st = Stats()
+    assert ids_of(e, ids, GREEDY, 60, proposer=oracle(truth), stats=st) == truth and st.tokens_per_step > 2
+    assert ctx.backend_greedy
+    # a generation that needs raw logits (logprobs, sampling) turns it off again
+    got = [t for new in e.generate(ids, GREEDY, 8, logits_out=[], reuse_prefix=False) for t in new]
+    assert got == truth[:8] and not ctx.backend_greedy

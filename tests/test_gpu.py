@@ -84,6 +84,19 @@ def test_auto_exact_runs_trees_on_the_gpu(gpu_model, capsys):
     h = np.random.default_rng(2).standard_normal(med.heads.n_embd).astype(np.float32)
     ids, _ = med.heads.propose_hidden(h, 1, 4, 0, logp=False)
     assert ids.shape == (4, 1) and not med.heads.on_fallback and "ARGMAX" in med.heads.graph_ops(1, 4, False)
+    # device-side greedy (on by default on a GPU): each row's token equals the host's argmax
+    ctx, shape = med.ctx, med._shape(False, med.tree.max_depth, 1024)[1]
+    toks = np.array([(11 * i + 5) % med.model.n_vocab for i in range(med.tree.n_nodes)], np.int32)
+    ctx.truncate(0)
+    ctx.prefill([1, 5, 6, 7, 8], 0, False)
+    ctx.set_backend_greedy(False)
+    ctx.decode_tree(shape, toks, 5)
+    host = ctx.argmax(med.tree.n_nodes)
+    ctx.set_backend_greedy(True)
+    ctx.truncate(5)
+    ctx.decode_tree(shape, toks, 5)
+    np.testing.assert_array_equal(ctx.argmax(med.tree.n_nodes), host)
+    assert med._device_greedy(GREEDY, None)
     auto = Engine(path, heads_path, n_ctx=1024, n_gpu_layers=-1)
     with capsys.disabled():
         print(f"\n[gpu] exact batch {med.exact_batch}, guarantee {med.guarantee}; auto: up to {auto.max_auto_nodes} "
