@@ -53,7 +53,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import tune
-from .cli import add_numerics_args, numerics_kwargs
+from .args import add_numerics_args, numerics_kwargs
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "mt_bench_questions.jsonl")
 

@@ -22,32 +22,7 @@ EPILOG = """examples:
 """
 
 
-#: KV cache types llama.cpp's own CLI accepts (--cache-type-k/-v), as ggml type ids (ggml.h)
-KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
-
-
-def add_numerics_args(p) -> None:
-    """Flash attention and KV cache types, named as llama.cpp's CLI names them; exact mode."""
-    p.add_argument("-fa", "--flash-attn", choices=("auto", "on", "off"), default="auto",
-                   help="flash attention (default auto: on where the device supports it; exactness on a CPU needs it)")
-    p.add_argument("-ctk", "--cache-type-k", choices=sorted(KV_CACHE_TYPES), default="f16",
-                   help="KV cache type for K (default f16)")
-    p.add_argument("-ctv", "--cache-type-v", choices=sorted(KV_CACHE_TYPES), default="f16",
-                   help="KV cache type for V (default f16; quantized V needs flash attention)")
-    p.add_argument("--exact", choices=("auto", "strict", "off"), default="auto",
-                   help="auto (default): output bit-identical to plain decoding where the device computes batched rows "
-                        "as one-token decodes (CPUs with flash attention, quantized weights), elsewhere (GPUs, F16/F32 "
-                        "weights) Medusa with each token verified at its row, whose text may differ at near-ties; "
-                        "strict: bit-identical everywhere (plain decoding where no batch is exact); off: trees of any "
-                        "size on any device")
-    p.add_argument("--no-exact", action="store_true", help="the same as --exact off")
-
-
-def numerics_kwargs(args) -> dict:
-    """``add_numerics_args``'s flags as Medusa/Engine keyword arguments."""
-    return dict(flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn],
-                type_k=KV_CACHE_TYPES[args.cache_type_k], type_v=KV_CACHE_TYPES[args.cache_type_v],
-                exact=False if args.no_exact else {"auto": "auto", "strict": True, "off": False}[args.exact])
+from .args import KV_CACHE_TYPES, add_numerics_args, numerics_kwargs  # noqa: F401  (one table for every command)
 
 
 def _add_generate(sub):
@@ -172,6 +147,10 @@ def _add_serve(sub):
     s.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=2048, help="context size in tokens (default 2048)")
     s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
+    add_numerics_args(s)
+    s.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
+                   help="pooling for /v1/embeddings (default: the model's metadata; generative models have none, "
+                   "which /v1/embeddings refuses)")
     s.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
@@ -199,7 +178,8 @@ def _serve(args) -> int:
     split = lambda values: [v.strip() for value in values for v in value.split(",") if v.strip()]  # noqa: E731
     try:
         llm = Medusa(args.model, args.heads, tree=args.tree, n_ctx=args.n_ctx, n_threads=args.threads,
-                     n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+                     n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **numerics_kwargs(args),
+                     pooling_type=("none", "mean", "cls", "last").index(args.pooling) if args.pooling else -1)
     except (MedusaError, TreeError) as e:
         print(f"medusa-edge: error: {e}", file=sys.stderr)
         return 1

@@ -505,6 +505,21 @@ class Engine:
                             "finished, and the KV cache now belongs to that call. Finish or close a stream before "
                             "starting the next one.")
 
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        """The raw logits plain decoding chooses the token after ``ids`` from (a cold prefill,
+        chunked as llama-cpp-python chunks it). Takes the context as a generation does; the next
+        generation decodes its prompt again."""
+        token = object()
+        self._claim(token)
+        try:
+            self._kv_tokens, self._kv_epoch = [], -1
+            self.ctx.set_backend_greedy(False)
+            self.ctx.truncate(0)
+            self.ctx.prefill([int(t) for t in ids], 0, False)
+            return self.ctx.logits(0)
+        finally:
+            self._release(token)
+
     # -- the loop ------------------------------------------------------------------------------
     def generate(
         self,

@@ -16,6 +16,7 @@ import os
 import sys
 
 from . import tune
+from .args import add_numerics_args, numerics_kwargs
 from .exactness import SPLIT_FREE_CELLS
 
 
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (default 2048)")
     ap.add_argument("-ngl", "--gpu-layers", type=int, default=0, help="layers to offload to a GPU (default 0)")
     ap.add_argument("--remeasure", action="store_true", help="measure again instead of reading the cache")
+    add_numerics_args(ap)
     ap.add_argument("--json", help="also write the costs and plan here")
     args = ap.parse_args(argv)
 
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
         os.environ["MEDUSA_EDGE_RETUNE"] = "1"
     try:
         llm = Medusa(args.model, args.heads, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+                     **numerics_kwargs(args),
                      verbose=False)
     except (MedusaError, ValueError) as e:
         print(f"medusa-edge tune: error: {e}", file=sys.stderr)

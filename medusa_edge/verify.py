@@ -49,9 +49,7 @@ def load_prompts(path: Optional[str], limit: Optional[int]) -> list[str]:
 
 def top2_gap(engine, ids: list[int]) -> float:
     """Plain decoding's top-2 logit gap after ``ids`` (the position where a divergence happened)."""
-    engine.ctx.truncate(0)
-    engine.ctx.prefill(list(ids), 0, False)
-    z = np.sort(engine.ctx.logits(0))
+    z = np.sort(engine.next_logits(ids))
     return float(z[-1] - z[-2])
 
 
