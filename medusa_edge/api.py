@@ -85,10 +85,11 @@ def chat_prompt_tokens(model, messages: Sequence[dict], template: Optional[str] 
     """Token ids of a chat prompt exactly as llama-cpp-python's ``create_chat_completion`` builds
     them: a jinja template is in charge of BOS (its text is tokenized with special tokens parsed and
     nothing added: a template that emits ``bos_token`` gets one BOS, one that does not gets none);
-    the Vicuna fallback gets the model's BOS as a plain prompt does. ``model``: a native Model."""
+    a named format (``chat_template.FORMATS``) and the Vicuna fallback get the model's BOS as a
+    plain prompt does. ``model``: a native Model."""
     text = render_chat(model, messages, template=template)
     tmpl = template if template is not None else model.chat_template()
-    if tmpl:
+    if tmpl and not callable(tmpl):
         return list(model.tokenize(text, False, True)) or [model.bos]
     return prompt_tokens(model, text)
 
@@ -96,9 +97,12 @@ def chat_prompt_tokens(model, messages: Sequence[dict], template: Optional[str] 
 def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True,
                 template: Optional[str] = None) -> str:
     """Render ``messages`` with ``template`` (default: the GGUF's tokenizer.chat_template) in a
-    jinja2 sandbox, or in the Vicuna v1.1 format when there is none. ``model``: a native Model."""
+    jinja2 sandbox, or with a named format's function (``chat_template.FORMATS``), or in the Vicuna
+    v1.1 format when there is none. ``model``: a native Model."""
     messages = chat_template.check_messages(messages)
     tmpl = template if template is not None else model.chat_template()
+    if callable(tmpl):
+        return tmpl(messages, add_generation_prompt)
     if not tmpl:
         return chat_template.vicuna(messages, add_generation_prompt)
     piece = lambda t: model.token_to_piece(t, True).decode("utf-8", "replace") if t >= 0 else ""
@@ -120,6 +124,8 @@ class Medusa:
     weights) runs Medusa with per-row verification, whose text may differ at near-ties; True keeps
     the text bit-identical everywhere (plain decoding where no region exists); False leaves exact
     mode. ``create_*``'s ``medusa["exact"]`` says which holds (docs/design.md section 5).
+    ``pooling_type`` (llama-cpp-python's: -1 the model's, 0 none, 1 mean, 2 cls, 3 last) is for
+    ``embed``/``create_embedding``, which run on a context of their own, made on first use.
     """
 
     def __init__(
@@ -139,13 +145,14 @@ class Medusa:
         type_v: Optional[int] = None,
         exact: "bool | str" = "auto",
         chat_format: Optional[str] = None,
+        pooling_type: int = -1,
         verbose: bool = False,
     ):
         if chat_format is not None and chat_format not in chat_template.FORMATS:
             raise ValueError(f"unknown chat_format {chat_format!r}: use one of {', '.join(sorted(chat_template.FORMATS))} "
                              "(or leave it unset for the GGUF's own template)")
-        # None: the GGUF's template (or Vicuna if it has none); "" forces the Vicuna fallback
-        self.chat_template: Optional[str] = None if chat_format is None else chat_template.FORMATS[chat_format]
+        # None: the GGUF's template (or Vicuna if it has none); else a named format's render function
+        self.chat_template = None if chat_format is None else chat_template.FORMATS[chat_format]
         if model_path is None:  # the default model and its shipped heads (demo.py)
             from .demo import default_model
 
@@ -163,7 +170,9 @@ class Medusa:
         # the embeddings context (create_embedding/embed): made on first use, beside generation's
         self._embedder = None
         self._embed_lock = threading.Lock()
-        self._embed_settings = (n_batch, -1 if flash_attn is None else int(bool(flash_attn)))
+        if not isinstance(pooling_type, int) or isinstance(pooling_type, bool) or not -1 <= pooling_type <= 3:
+            raise ValueError(f"pooling_type must be -1 (the model's), 0 none, 1 mean, 2 cls or 3 last, got {pooling_type!r}")
+        self._embed_settings = (n_batch, -1 if flash_attn is None else int(bool(flash_attn)), pooling_type)
         self.engine = Engine(
             model_path, heads_path, tree=tree, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
             n_gpu_layers=n_gpu_layers, f32_kv=f32_kv, flash_attn=flash_attn, type_k=type_k, type_v=type_v, exact=exact,
@@ -247,9 +256,9 @@ class Medusa:
 
         model = self.engine.model  # ClosedError once closed
         if self._embedder is None:
-            n_batch, flash_attn = self._embed_settings
+            n_batch, flash_attn, pooling = self._embed_settings
             try:
-                self._embedder = native.Embedder(model, n_batch, self.engine.n_threads_batch, flash_attn)
+                self._embedder = native.Embedder(model, n_batch, self.engine.n_threads_batch, flash_attn, pooling)
             except (RuntimeError, ValueError) as e:
                 raise ValueError(f"embeddings: {e}") from None
         return self._embedder

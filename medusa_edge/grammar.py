@@ -10,6 +10,7 @@ llama-cpp-python uses for the same requests, so the constrained text can equal i
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional
 
 #: Parenthesised groups nested deeper than this are refused: llama.cpp's GBNF parser recurses once
@@ -55,6 +56,33 @@ def check_gbnf(text: str) -> str:
     return text
 
 
+#: Largest count a schema may ask to repeat (lengths, item counts, a pattern's ``{n,m}``): the
+#: converter expands some counts into rules of that many elements (a ``maxLength`` of 10**9 makes
+#: an 8 GB grammar), and llama.cpp's parser refuses repetitions past 2,000 anyway.
+MAX_REPETITION = 2000
+_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
+               "maxContains")
+_PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _check_schema_counts(schema) -> None:
+    stack = [schema]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k in _COUNT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and v > MAX_REPETITION:
+                    raise ValueError(f"the JSON schema's {k} of {v} is more than the {MAX_REPETITION} a grammar can repeat")
+                if k == "pattern" and isinstance(v, str):
+                    for m in _PATTERN_COUNT.finditer(v):
+                        if any(g and int(g) > MAX_REPETITION for g in m.groups()):
+                            raise ValueError(f"the JSON schema's pattern repeats more than {MAX_REPETITION} times")
+                if isinstance(v, (dict, list)):
+                    stack.append(v)
+        elif isinstance(obj, list):
+            stack.extend(v for v in obj if isinstance(v, (dict, list)))
+
+
 def schema_to_gbnf(schema) -> str:
     """GBNF for a JSON schema (a dict, a boolean, or its JSON text), by llama-cpp-python's converter.
     ValueError naming the fault for a schema it cannot convert (remote ``$ref``s are not fetched)."""
@@ -65,8 +93,9 @@ def schema_to_gbnf(schema) -> str:
             schema = json.loads(schema)
         except ValueError as e:
             raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
-    if not isinstance(schema, (dict, bool)):
+    if not isinstance(schema, dict):
         raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    _check_schema_counts(schema)
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except RecursionError:

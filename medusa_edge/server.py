@@ -1,14 +1,15 @@
 """OpenAI-compatible HTTP server over one ``Medusa`` instance: ``medusa-edge serve [MODEL]``.
 
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` (whole, or streamed as server-sent
-events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` and ``GET /v1/health``.
+events ending in ``data: [DONE]``), ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health`` and ``GET /v1/health``.
 Bodies have llama-cpp-python's shapes (``Medusa.create_chat_completion`` / ``create_completion``
 make them); the last chunk, or the whole response, carries ``usage`` and ``medusa`` statistics.
 The ``model`` field may name anything (one model is served); responses name the served one.
 
 Strict: every body field is either honoured or refused with a 400 that names it; none is dropped
-with a 200. Fields whose neutral value changes nothing (``response_format: {"type": "text"}``,
-``mirostat_mode: 0``, ``logit_bias: {}``, ...) are accepted at that value only. Hostile input gets
+with a 200. ``grammar`` (GBNF), ``response_format`` (``text``, ``json_object``, ``json_schema``)
+and llama-server's ``json_schema`` constrain the text, losslessly. Fields whose neutral value
+changes nothing (``mirostat_mode: 0``, ``logit_bias: {}``, ...) are accepted at that value only. Hostile input gets
 a 4xx: bodies are bounded in size (413), in JSON depth and must hold valid text; numbers are
 range-checked against what the native sampler takes; an over-long prompt is refused before it is
 tokenized. Header and body reads have deadlines (the connection is closed, or answered 408).
@@ -53,6 +54,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import grammar as _grammar
 from .errors import ContextOverflowError
 
 log = logging.getLogger("medusa_edge.server")
@@ -264,13 +266,11 @@ _NEUTRAL = {
     "penalty_last_n": ([64], "the repeat penalty looks at the last 64 tokens; no other window is supported"),
     "logit_bias": ([{}], "logit_bias is not supported by this server"),
     "stop_token_ids": ([[]], "stop_token_ids is not supported; use stop strings"),
-    "grammar": ([""], "grammar is not supported by this server"),
     "tools": ([[]], "tools are not supported by this server"),
     "functions": ([[]], "functions are not supported by this server"),
 }
 _CHAT_NEUTRAL = {
     **_NEUTRAL,
-    "response_format": ([{"type": "text"}], "only response_format {\"type\": \"text\"} is supported"),
 }
 _TEXT_NEUTRAL = {
     **_NEUTRAL,
@@ -279,7 +279,6 @@ _TEXT_NEUTRAL = {
 }
 # Refused whenever sent (not null): constrained output, and what only has a meaning with tools.
 _REFUSED = {
-    "json_schema": "json_schema is not supported by this server",
     "tool_choice": "tool_choice needs tools, which are not supported by this server",
     "parallel_tool_calls": "parallel_tool_calls needs tools, which are not supported by this server",
     "function_call": "function_call needs functions, which are not supported by this server",
@@ -293,8 +292,17 @@ _OTHER = {
     "cache_prompt",  # the cached prefix is always reused, and the text equals a cold start's
     "mirostat_tau", "mirostat_eta",  # inert: mirostat_mode 0 (off) is the only mode accepted
 }
-_CHAT_FIELDS = {"messages", "max_completion_tokens", *_CHAT, *_CHAT_NEUTRAL, *_REFUSED, *_OTHER}
-_TEXT_FIELDS = {"prompt", *_TEXT, *_TEXT_NEUTRAL, *_REFUSED, *_OTHER}
+# Constrained output, honoured on both endpoints (checked by _grammar_of): GBNF text (llama-server's
+# and llama-cpp-python's "grammar"), OpenAI's response_format, llama-server's json_schema.
+_CONSTRAINTS = ("grammar", "response_format", "json_schema")
+_CHAT_FIELDS = {"messages", "max_completion_tokens", *_CHAT, *_CHAT_NEUTRAL, *_REFUSED, *_OTHER, *_CONSTRAINTS}
+_TEXT_FIELDS = {"prompt", *_TEXT, *_TEXT_NEUTRAL, *_REFUSED, *_OTHER, *_CONSTRAINTS}
+
+# /v1/embeddings: OpenAI's fields. Token-id inputs and ``dimensions`` are refused by name.
+_EMBED_FIELDS = {"input", "model", "encoding_format", "user"}
+_EMBED_NEUTRAL = {"dimensions": ([], "dimensions is not supported: embeddings have the model's size")}
+_EMBED_FORMATS = ("float", "base64")  # base64: little-endian float32, what the openai client asks for by default
+_MAX_EMBED_INPUTS = 2048  # OpenAI's limit on inputs per request
 
 _ROLES = ("system", "user", "assistant")
 # Message keys besides role and content that are accepted only when null/empty: the SDKs send
@@ -450,6 +458,28 @@ def _params(body: dict, fields: dict, allowed: set, neutral: dict) -> dict:
         raise APIError(400, "'echo' with 'logprobs' is not supported (the prompt's logits are not kept)", "echo",
                        "invalid_value")
     return kw
+
+
+def _grammar_of(body: dict, engine) -> Optional[str]:
+    """The GBNF text that ``grammar``, ``response_format`` or ``json_schema`` asks for (None: free
+    text), converted and parsed here so that a bad one is a 400 naming its field before anything
+    is queued."""
+    given = {k: body[k] for k in _CONSTRAINTS if body.get(k) is not None}
+    for name, kinds, what in (("grammar", (str,), "a string (GBNF)"), ("response_format", (dict,), "an object"),
+                              ("json_schema", (dict,), "an object (a JSON schema)")):
+        if name in given and not isinstance(given[name], kinds):
+            raise APIError(400, f"'{name}' must be {what}, got {_short(given[name])}", name, "invalid_type")
+    if not given:
+        return None
+    param = next(iter(given)) if len(given) == 1 else None
+    try:
+        got = _grammar.resolve(given.get("grammar"), given.get("response_format"), given.get("json_schema"))
+        if got is None:
+            return None
+        engine.check_grammar(*got)
+    except ValueError as e:
+        raise APIError(400, str(e), param, "invalid_value") from None
+    return got[0]
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -671,6 +701,7 @@ class Server:
     async def chat_completions(self, request: Request):
         body = await self._body(request)
         kw = _params(body, _CHAT, _CHAT_FIELDS, _CHAT_NEUTRAL)
+        kw["grammar"] = _grammar_of(body, self.llm.engine)
         stream, include_usage = _stream_flags(body)
         messages, n_bytes = _messages(body.get("messages"))
         self._check_prompt_bytes(n_bytes, "messages")
@@ -689,6 +720,7 @@ class Server:
     async def completions(self, request: Request):
         body = await self._body(request)
         kw = _params(body, _TEXT, _TEXT_FIELDS, _TEXT_NEUTRAL)
+        kw["grammar"] = _grammar_of(body, self.llm.engine)
         stream, include_usage = _stream_flags(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -714,6 +746,43 @@ class Server:
             return self.llm.create_completion(prompt, stream=s, model=self.model_id, **kw)
 
         return await self._run(request, call, stream, "prompt", include_usage)
+
+    async def embeddings(self, request: Request):
+        """OpenAI's embeddings: ``Medusa.create_embedding`` on its own context (generation's cache
+        is untouched), queued like a generation. A model without pooling gives one vector per
+        token, which is not OpenAI's shape: 400 (``medusa-edge serve --pooling mean`` pools it)."""
+        body = await self._body(request)
+        _refuse_fields(body, _EMBED_FIELDS, _EMBED_NEUTRAL)
+        inp = body.get("input")
+        texts = [inp] if isinstance(inp, str) else inp
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "'input' must be a string or a non-empty list of strings (token-id inputs are not supported)",
+                           "input", "invalid_type" if inp is not None else "missing_required_parameter")
+        if len(texts) > _MAX_EMBED_INPUTS:
+            raise APIError(400, f"'input' takes at most {_MAX_EMBED_INPUTS} strings, got {len(texts)}", "input", "invalid_value")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in _EMBED_FORMATS:
+            raise APIError(400, f"'encoding_format' must be 'float' or 'base64', got {_short(fmt)}", "encoding_format",
+                           "invalid_value")
+        for name in ("model", "user"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise APIError(400, f"'{name}' must be a string, got {_short(body[name])}", name, "invalid_type")
+
+        def call(_):
+            if self.llm.pooling_type() == 0:
+                raise APIError(400, "this model has no pooling (its embeddings are per token, not OpenAI's shape): serve it "
+                               "with --pooling mean, cls or last", "input", "invalid_value")
+            r = self.llm.create_embedding(texts, model=self.model_id)
+            if fmt == "base64":
+                import base64
+
+                import numpy as np
+
+                for d in r["data"]:
+                    d["embedding"] = base64.b64encode(np.asarray(d["embedding"], "<f4").tobytes()).decode("ascii")
+            return r
+
+        return await self._run(request, call, False, "input")
 
     async def models(self, request: Request):
         self._auth(request)
@@ -914,6 +983,7 @@ def create_app(llm, model_id: Optional[str] = None, queue_size: int = 16, api_ke
     app = Starlette(lifespan=lifespan, middleware=[Middleware(Guard, access=access or Access(), limits=limits)], routes=[
         Route("/v1/chat/completions", s.chat_completions, methods=["POST"]),
         Route("/v1/completions", s.completions, methods=["POST"]),
+        Route("/v1/embeddings", s.embeddings, methods=["POST"]),
         Route("/v1/models", s.models, methods=["GET"]),
         Route("/health", s.health, methods=["GET"]),
         Route("/v1/health", s.health, methods=["GET"]),

@@ -121,3 +121,30 @@ def test_pipe(env):
     assert r.returncode == 0 and r.stdout.strip()
     r = run(env, input="")
     assert r.returncode != 0 and "empty" in r.stderr
+
+
+def test_chat_past_the_context_drops_the_oldest_turns(env):
+    import io
+
+    c = spawn(env, "--n-ctx", "256", "--temperature", "0", "--system", "You are terse.")
+    c.logfile_read = seen = io.StringIO()
+    questions = ["Tell me a story about a fox.", "What colour is the sky?", "Tell me a story about a bear.",
+                 "What colour is grass?", "Tell me a story about a fox.", "Tell me a story about a bear."]
+    for q in questions:  # a story is ~70 tokens: by the fourth turn the history leaves too little room
+        send(c, q, r"[?.][^\n]*\n", r"[A-Za-z]{3,} [A-Za-z]{3,}")
+    send(c, "What colour is the sky?", r"\?[^\n]*\n", "blue")  # still answering
+    out = seen.getvalue()
+    assert out.count("outgrew the context of 256 tokens") == 1 and "error" not in out  # said once, no failed turn
+    c.sendline("/show info")
+    c.expect(r"messages\s+(\d+)")
+    assert int(c.match.group(1)) < 2 * (len(questions) + 1)  # the oldest turns are gone
+    c.expect(">>>")
+    c.sendline("/bye")
+    c.expect(pexpect.EOF)
+
+
+def test_model_then_prompt_answers_once(env):
+    r = run(env, "What colour is the sky?")  # ollama's run MODEL PROMPT
+    assert r.returncode == 0 and "blue" in r.stdout and r.stdout.count("\n") == 1
+    r = run(env, "What colour is the sky?", "-p", "again")
+    assert r.returncode == 2 and "not both" in r.stderr

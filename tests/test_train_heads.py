@@ -296,7 +296,9 @@ def test_prompts_tokenized_as_the_api_does(tmp_path):
     plain = th.BaseModel(m.path, 64, 1, chat="off")
     assert plain.prompt_tokens("the world", 32) == [1] + list(plain.model.tokenize("the world", False, True))
     vicuna = th.BaseModel(trained_free_base(tmp_path), 64, 1, chat="on")
-    assert vicuna.prompt_tokens("hi", 32) == [1] + list(vicuna.model.tokenize("USER: hi\nASSISTANT:", False, True))
+    from medusa_edge.chat_template import VICUNA_SYSTEM
+
+    assert vicuna.prompt_tokens("hi", 256) == [1] + list(vicuna.model.tokenize(f"{VICUNA_SYSTEM} USER: hi ASSISTANT:", False, True))
 
 
 def trained_free_base(tmp_path):
