@@ -461,7 +461,7 @@ class Engine:
         only built on a miss."""
         full = self.tree_long if long else self.tree
         depth = min(max(max_depth, 0), full.max_depth)
-        n_nodes = min(max(max_nodes, 1), int(np.count_nonzero(full.depth <= depth)))
+        n_nodes = min(max(max_nodes, 1), full.n_within_depth(depth))
         key = (long and full is not self.tree, depth, n_nodes)
         if key not in self._shapes:
             t = full.truncated(depth).prefix(n_nodes)
@@ -768,6 +768,8 @@ class Engine:
             path = accept_typical(tree, tokens, probs_at, p.posterior_threshold, p.posterior_alpha)
             return path, int(self.ctx.argmax(path[-1] + 1)[path[-1]])
         if p.plain_argmax or p.acceptance == "typical":
+            if tree.n_nodes == 1:  # a plain step
+                return [0], self.ctx.argmax_row(0)
             # lazily: only the rows on the accepted path are scanned (at most depth + 1 of n_nodes)
             seen: dict[int, int] = {}
 

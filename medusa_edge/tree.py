@@ -152,9 +152,18 @@ class Tree:
         """Tokens in one verification batch, root included."""
         return len(self.paths) + 1
 
-    @property
+    @cached_property
     def max_depth(self) -> int:
         return int(self.depth.max())
+
+    @cached_property
+    def _count_by_depth(self) -> tuple:
+        return tuple(int(np.count_nonzero(self.depth <= d)) for d in range(self.max_depth + 1))
+
+    def n_within_depth(self, depth: int) -> int:
+        """Nodes at depth ``depth`` or less (the root's depth is 0); read per step, so cached."""
+        c = self._count_by_depth
+        return c[min(max(depth, 0), len(c) - 1)]
 
     @property
     def n_leaves(self) -> int:
