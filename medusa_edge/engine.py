@@ -380,6 +380,7 @@ class Engine:
 
         with _progress("measuring what a verification step costs here, for tree=\"auto\""):
             self.costs, _ = tune.cached_costs(key, measure)
+
         self._n_threads_single = self.ctx.n_threads
         self.live = tune.LiveAcceptance(prior)
         self.live_costs = tune.LiveCosts()
@@ -394,6 +395,10 @@ class Engine:
         follow it (``_set_long_threads``)."""
         self.plan = tune.plan(self.live.estimate(), self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads,
                               max_leaves=self.max_auto_leaves, tree_cost_factor=self.live_costs.factor())
+        if max(self.costs.spread, default=0.0) > tune.NOISY_SPREAD:
+            # costs too noisy to trust (a busy machine; not cached) plan no tree: plain decoding is
+            # llama.cpp's speed, a tree planned from noise can be far slower (seen: 31 nodes)
+            self.plan = tune.Plan([], 1.0, 1.0, self.plan.table)
         self.plan_long = self.plan
         if tuple(tuple(x) for x in self.plan.paths) != self.tree.paths:
             self.tree = self.tree_long = Tree.from_paths(self.plan.paths)
