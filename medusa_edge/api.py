@@ -20,8 +20,9 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import chat_template, schema
+from . import tools as _tools
 from . import grammar as _grammar
-from .engine import Engine, Proposer, SamplingParams, Stats
+from .engine import Engine, Proposer, SamplingParams, Stats, normalize_logit_bias
 from .errors import ClosedError
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED
@@ -81,13 +82,13 @@ def prompt_tokens(model, prompt: Union[str, Sequence[int]]) -> list[int]:
     return [int(t) for t in prompt]
 
 
-def chat_prompt_tokens(model, messages: Sequence[dict], template: Optional[str] = None) -> list[int]:
+def chat_prompt_tokens(model, messages: Sequence[dict], template: Optional[str] = None, **extra) -> list[int]:
     """Token ids of a chat prompt exactly as llama-cpp-python's ``create_chat_completion`` builds
     them: a jinja template is in charge of BOS (its text is tokenized with special tokens parsed and
     nothing added: a template that emits ``bos_token`` gets one BOS, one that does not gets none);
     a named format (``chat_template.FORMATS``) and the Vicuna fallback get the model's BOS as a
     plain prompt does. ``model``: a native Model."""
-    text = render_chat(model, messages, template=template)
+    text = render_chat(model, messages, template=template, **extra)
     tmpl = template if template is not None else model.chat_template()
     if tmpl and not callable(tmpl):
         return list(model.tokenize(text, False, True)) or [model.bos]
@@ -95,10 +96,11 @@ def chat_prompt_tokens(model, messages: Sequence[dict], template: Optional[str] 
 
 
 def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True,
-                template: Optional[str] = None) -> str:
+                template: Optional[str] = None, **extra) -> str:
     """Render ``messages`` with ``template`` (default: the GGUF's tokenizer.chat_template) in a
     jinja2 sandbox, or with a named format's function (``chat_template.FORMATS``), or in the Vicuna
-    v1.1 format when there is none. ``model``: a native Model."""
+    v1.1 format when there is none. ``model``: a native Model. ``extra``: more template variables
+    (``tools``, as transformers passes them; only a jinja template receives them)."""
     messages = chat_template.check_messages(messages)
     tmpl = template if template is not None else model.chat_template()
     if callable(tmpl):
@@ -107,7 +109,7 @@ def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = T
         return chat_template.vicuna(messages, add_generation_prompt)
     piece = lambda t: model.token_to_piece(t, True).decode("utf-8", "replace") if t >= 0 else ""
     return chat_template.render(tmpl, messages, add_generation_prompt=add_generation_prompt,
-                                bos_token=piece(model.bos), eos_token=piece(model.eos))
+                                bos_token=piece(model.bos), eos_token=piece(model.eos), **extra)
 
 
 class Medusa:
@@ -363,9 +365,12 @@ class Medusa:
         ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"schema": ...}}``)
         constrains the text with llama.cpp's grammar sampler, losslessly: the text is plain
         decoding's under the same grammar. A grammar or schema that cannot be used raises ValueError.
+        ``logit_bias`` ({token_id: bias}, string keys too, as JSON sends them) is added to those
+        tokens' logits before the penalties at every row, as llama-cpp-python does, losslessly.
         Parameters this engine cannot honour raise ValueError naming them."""
         _unsupported(suffix=(suffix, None), tfs_z=(tfs_z, 1.0), mirostat_mode=(mirostat_mode, 0),
-                     logits_processor=(logits_processor, None), logit_bias=(logit_bias, None))
+                     logits_processor=(logits_processor, None))
+        bias = normalize_logit_bias(logit_bias, self.engine.model.n_vocab)
         constrained = _grammar.resolve(grammar, response_format)
         if constrained is not None:
             self.engine.check_grammar(*constrained)
@@ -377,6 +382,8 @@ class Medusa:
                               presence_penalty, seed, acceptance)
         if constrained is not None:
             params = dataclasses.replace(params, grammar=constrained[0], grammar_root=constrained[1])
+        if bias is not None:
+            params = dataclasses.replace(params, logit_bias=bias)  # checks: a bias needs exact acceptance
         prompt_ids = self._prompt_tokens(prompt)
         if max_tokens is None or max_tokens <= 0:
             max_tokens = self.n_ctx() - len(prompt_ids)
@@ -435,12 +442,21 @@ class Medusa:
         given at construction, or Vicuna v1.1), then a completion. Streams a role delta, content
         deltas, then ``finish_reason`` with ``usage`` and ``medusa`` on that last chunk.
         ``stopping_criteria`` (keyword; llama-cpp-python's chat call has none): as in
-        ``create_completion``, e.g. ``lambda ids, logits: event.is_set()`` to cancel from another thread."""
-        _unsupported(functions=(functions, None), function_call=(function_call, None), tools=(tools, None),
-                     tool_choice=(tool_choice, None))
+        ``create_completion``, e.g. ``lambda ids, logits: event.is_set()`` to cancel from another thread.
+        ``tools``/``tool_choice`` (and the older ``functions``/``function_call``): OpenAI's function
+        calling, through the template's own tools support or a Hermes-style fallback; calls come back
+        in ``message.tool_calls`` with ``finish_reason: "tool_calls"`` (``medusa_edge.tools``)."""
+        spec = _tools.resolve(tools, tool_choice, functions, function_call)
         if top_logprobs is not None and not logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
-        ids = chat_prompt_tokens(self.engine.model, messages, self.chat_template)
+        tmpl = self.chat_template if self.chat_template is not None else self.engine.model.chat_template()
+        messages, extra = _tools.prepare(messages, spec, tmpl)
+        if spec is not None and spec.forced:
+            if grammar is not None or (response_format is not None and response_format != {"type": "text"}):
+                raise ValueError("tool_choice 'required' or a named function constrains the output with a grammar: "
+                                 "grammar and response_format cannot be given with it")
+            grammar = _tools.grammar(spec, _tools.call_format(tmpl))
+        ids = chat_prompt_tokens(self.engine.model, messages, self.chat_template, **extra)
         n_logprobs = (top_logprobs or 0) if logprobs else None
         out = self.create_completion(
             ids, None, max_tokens, temperature, top_p, min_p, typical_p, n_logprobs, False, stop, frequency_penalty,
@@ -448,6 +464,8 @@ class Medusa:
             model, stopping_criteria, logits_processor, grammar, logit_bias, acceptance=acceptance, proposer=proposer,
             response_format=response_format,
         )
+        if spec is not None and spec.active:
+            return _tools.chat_chunks(_chat_chunks(out), spec) if stream else _tools.chat_response(_chat_response(out), spec)
         return _chat_chunks(out) if stream else _chat_response(out)
 
     def _params(self, temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty, presence_penalty,

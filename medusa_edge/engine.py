@@ -12,7 +12,9 @@ State between steps (the invariant every step keeps):
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 import threading
 import time
@@ -59,6 +61,10 @@ class SamplingParams:
     #: One grammar state follows the accepted path, so the output stays plain decoding's under it.
     grammar: Optional[str] = None
     grammar_root: str = "root"
+    #: ((token, bias), ...) added to those tokens' logits at every verified row, before the
+    #: penalties (where llama-cpp-python's logit_bias processor runs); None or empty: no bias.
+    #: ``normalize_logit_bias`` makes it from llama-cpp-python's / OpenAI's {token: bias}.
+    logit_bias: Optional[tuple] = None
 
     def __post_init__(self):
         if self.acceptance not in ("exact", "typical"):
@@ -70,12 +76,49 @@ class SamplingParams:
                 raise ValueError("grammar_root must name the grammar's start rule")
             if self.acceptance != "exact":
                 raise ValueError("a grammar needs acceptance='exact' (typical acceptance would skip the grammar)")
+        if self.logit_bias:
+            if self.acceptance != "exact":
+                raise ValueError("logit_bias needs acceptance='exact' (typical acceptance would skip the bias)")
 
     @property
     def plain_argmax(self) -> bool:
-        """Greedy with no penalties and no grammar: the argmax computed natively is the whole sampler."""
+        """Greedy with no penalties, no grammar and no bias: the argmax computed natively is the whole sampler."""
         return (self.temperature == 0 and self.repeat_penalty == 1.0 and self.frequency_penalty == 0
-                and self.presence_penalty == 0 and self.grammar is None)
+                and self.presence_penalty == 0 and self.grammar is None and not self.logit_bias)
+
+
+#: Most entries a logit_bias may have (OpenAI's limit is 300; each entry costs every sampled row).
+MAX_LOGIT_BIAS = 1024
+
+
+def normalize_logit_bias(logit_bias, n_vocab: int) -> Optional[tuple]:
+    """llama-cpp-python's / OpenAI's ``{token_id: bias}`` (keys ints or decimal strings, as JSON
+    sends them) as ``SamplingParams.logit_bias``: sorted ((token, bias), ...), None when empty.
+    A key that names no token of the vocabulary, a bias that is not a finite number, or more than
+    ``MAX_LOGIT_BIAS`` entries is a ValueError naming it. Keys that name the same token keep the
+    last bias, as llama-cpp-python's ``{int(k): float(v)}`` does."""
+    if logit_bias is None:
+        return None
+    if not isinstance(logit_bias, dict):
+        raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {type(logit_bias).__name__}")
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} entries, got {len(logit_bias)}")
+    out: dict[int, float] = {}
+    for k, v in logit_bias.items():
+        if isinstance(k, bool) or not isinstance(k, (int, str, np.integer)):
+            raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+        if isinstance(k, str) and not re.fullmatch(r"-?[0-9]{1,12}", k):
+            raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+        k_int = int(k)
+        if not 0 <= k_int < n_vocab:
+            raise ValueError(f"logit_bias names token {k!r}, outside the vocabulary [0, {n_vocab})")
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ValueError(f"logit_bias for token {k!r} must be a number, got {v!r}")
+        b = float(v)
+        if not math.isfinite(b) or abs(b) > float(np.finfo(np.float32).max):  # the sampler adds it as a float32
+            raise ValueError(f"logit_bias for token {k!r} must be a finite number, got {v!r}")
+        out[k_int] = b
+    return tuple(sorted(out.items())) or None
 
 
 @dataclass
@@ -723,16 +766,17 @@ class Engine:
         """The sampler chain of one generation. With a grammar its state advances with every token
         the chain chooses, and the walk in ``_accept`` chooses only along the accepted path, in
         order: the state at each node is the one plain decoding has after the same tokens."""
+        bias = list(p.logit_bias or ())
         if p.grammar is None:
             return native.Sampler(
                 self.model.n_vocab, p.seed & 0xFFFFFFFF, p.temperature if p.acceptance == "exact" else 0.0,
                 p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.penalty_last_n, p.frequency_penalty, p.presence_penalty,
-                p.typical_p,
+                p.typical_p, logit_bias=bias,
             )
         return native.Sampler(
             self.model.n_vocab, p.seed & 0xFFFFFFFF, p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty,
             p.penalty_last_n, p.frequency_penalty, p.presence_penalty, p.typical_p,
-            model=self.model, grammar=p.grammar, grammar_root=p.grammar_root,
+            model=self.model, grammar=p.grammar, grammar_root=p.grammar_root, logit_bias=bias,
         )
 
     def check_grammar(self, grammar: str, root: str = "root") -> None:

@@ -162,6 +162,9 @@ def read_heads(path: str) -> HeadsFile:
     version = _field(r, schema.KEY_SCHEMA_VERSION)
     if version is None or int(version) > schema.SCHEMA_VERSION:
         raise ExportError(f"{path}: heads schema version {version} is not one this medusa-edge reads (<= {schema.SCHEMA_VERSION})")
+    if r.get_field(schema.KEY_DRAFT_VOCAB) is not None:  # the serving layouts score every token
+        raise ExportError(f"{path}: heads with a draft vocabulary ({schema.KEY_DRAFT_VOCAB}) have no layout in the "
+                          "serving engines; export the full-vocabulary heads they were restricted from")
     vals = {}
     for key in (schema.KEY_HEAD_COUNT, schema.KEY_BLOCK_COUNT, schema.KEY_EMBEDDING_LENGTH, schema.KEY_VOCAB_SIZE,
                 schema.KEY_SHARED_OUTPUT, schema.KEY_BASE_VOCAB_HASH):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 from ._loader import native
 from . import schema
 
@@ -141,8 +143,10 @@ def heads_info(meta: GgufMeta) -> dict:
         )
     if info["root_input"] and info["n_layers"] < 1:
         raise meta.fail(f"{schema.KEY_ROOT_INPUT} is set but the heads have no ResBlock to read the root token")
+    info["draft_vocab"] = _check_draft_vocab(meta, version or 1, info["n_vocab"])
+    info["n_draft"] = info["n_vocab"] if info["draft_vocab"] is None else len(info["draft_vocab"])
     if info["tree"] is not None:
-        _check_tree(meta, info["tree"], info["n_heads"])
+        _check_tree(meta, info["tree"], info["n_heads"], info["n_draft"])
     if info["rank_accuracy"] is not None:
         info["rank_accuracy"] = _check_rank_accuracy(meta, info["rank_accuracy"], info["n_heads"])
     return info
@@ -169,9 +173,34 @@ def _check_rank_accuracy(meta: GgufMeta, text: str, n_heads: int) -> list:
     return [[float(a) for a in row] for row in acc]
 
 
-def _check_tree(meta: GgufMeta, text: str, n_heads: int) -> None:
-    """medusa.tree: JSON list of paths, each a list of ranks (ints >= 0), prefix-closed, no deeper
-    than the heads. Sizes are bounded before Tree.from_paths (whose cost grows with them)."""
+def _check_draft_vocab(meta: GgufMeta, version: int, n_vocab: int):
+    """medusa.draft_vocab (schema 3), as native Heads::parse_draft_vocab checks it: an i32 array of
+    1 to n_vocab ids, each in [0, n_vocab), strictly increasing. The ids (int32 array), or None."""
+    key = schema.KEY_DRAFT_VOCAB
+    if key not in meta.kv:
+        return None
+    if version < 3:
+        raise meta.fail(f"{key} needs schema version 3, the file says {version}")
+    t, v = meta.kv[key]
+    if t != "arr[i32]":
+        raise meta.fail(f"key {key} is of type {t}, not an array of i32")
+    if not 1 <= len(v) <= n_vocab:
+        raise meta.fail(f"{key} has {len(v)} ids, not 1 to n_vocab = {n_vocab}")
+    ids = np.asarray(v, dtype=np.int32)
+    bad = np.nonzero((ids < 0) | (ids >= n_vocab))[0]
+    if len(bad):
+        raise meta.fail(f"{key}[{bad[0]}] = {ids[bad[0]]} is outside [0, {n_vocab})")
+    down = np.nonzero(np.diff(ids.astype(np.int64)) <= 0)[0]
+    if len(down):
+        i = int(down[0])
+        raise meta.fail(f"{key} is not strictly increasing (ids {ids[i]}, {ids[i + 1]} at {i}, {i + 1}): ids must be unique and sorted")
+    return ids
+
+
+def _check_tree(meta: GgufMeta, text: str, n_heads: int, n_draft: int = MAX_TREE_RANK + 1) -> None:
+    """medusa.tree: JSON list of paths, each a list of ranks (ints >= 0, below the draft vocabulary's
+    size: a head proposes at most that many), prefix-closed, no deeper than the heads. Sizes are
+    bounded before Tree.from_paths (whose cost grows with them)."""
     from .tree import Tree, TreeError
 
     def bad(why):
@@ -186,8 +215,10 @@ def _check_tree(meta: GgufMeta, text: str, n_heads: int) -> None:
     for p in paths:
         if not isinstance(p, list) or not 1 <= len(p) <= n_heads:
             raise bad(f"path {str(p)[:40]} is not a list of 1 to {n_heads} ranks (the file has {n_heads} heads)")
-        if any(type(r) is not int or not 0 <= r <= MAX_TREE_RANK for r in p):
-            raise bad(f"path {str(p)[:40]} holds a rank that is not an integer in [0, {MAX_TREE_RANK}]")
+        hi = min(MAX_TREE_RANK, n_draft - 1)
+        if any(type(r) is not int or not 0 <= r <= hi for r in p):
+            raise bad(f"path {str(p)[:40]} holds a rank that is not an integer in [0, {hi}]"
+                      + (f" (the draft vocabulary has {n_draft} tokens)" if n_draft <= MAX_TREE_RANK else ""))
     try:
         Tree.from_paths(paths)
     except TreeError as e:

@@ -29,6 +29,8 @@ class HeadsMeta:
     base_vocab_hash: str
     rank_accuracy: Optional[Sequence[Sequence[float]]] = None  # [n_heads][k], see schema
     root_input: bool = False  # the first ResBlock reads [h; e(root)] (schema version 2)
+    # the full ids the heads score, strictly increasing (schema version 3); None: all n_vocab
+    draft_vocab: Optional[Sequence[int]] = None
 
 
 def write_heads_gguf(
@@ -39,6 +41,8 @@ def write_heads_gguf(
     progress=None,
 ) -> None:
     """Write ``tensors`` (schema names -> torch-layout arrays, consumed one at a time) to ``path``.
+    An item ``(name, data, qtype)`` is written as already encoded in GGML type ``qtype`` (what
+    ``restrict_heads_file`` copies).
 
     The file is written to ``path + '.tmp'`` and renamed at the end, so a failure leaves nothing.
     """
@@ -50,7 +54,12 @@ def write_heads_gguf(
     w = gguf.GGUFWriter(tmp, schema.ARCH)
     try:
         _add_heads_meta(w, meta, head_type)
-        for name, arr in tensors:
+        for item in tensors:
+            if len(item) == 3:
+                name, data, qtype = item
+                w.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
+                continue
+            name, arr = item
             qtype = heads_tensor_type(name, arr.shape, head_type)
             w.add_tensor(name, _encode_block(arr, qtype), raw_dtype=qtype)
             if progress is not None:
@@ -70,7 +79,8 @@ def write_heads_gguf(
 def _add_heads_meta(w, meta: HeadsMeta, head_type: str) -> None:
     if meta.root_input and meta.n_layers < 1:
         raise ValueError("root_input heads need at least one ResBlock")
-    w.add_uint32(schema.KEY_SCHEMA_VERSION, 2 if meta.root_input else 1)
+    draft = None if meta.draft_vocab is None else check_draft_vocab(meta.draft_vocab, meta.n_vocab)
+    w.add_uint32(schema.KEY_SCHEMA_VERSION, 3 if draft is not None else 2 if meta.root_input else 1)
     w.add_uint32(schema.KEY_HEAD_COUNT, meta.n_heads)
     w.add_uint32(schema.KEY_BLOCK_COUNT, meta.n_layers)
     w.add_uint32(schema.KEY_EMBEDDING_LENGTH, meta.n_embd)
@@ -78,6 +88,8 @@ def _add_heads_meta(w, meta: HeadsMeta, head_type: str) -> None:
     w.add_bool(schema.KEY_SHARED_OUTPUT, meta.shared_output)
     if meta.root_input:
         w.add_bool(schema.KEY_ROOT_INPUT, True)
+    if draft is not None:
+        w.add_array(schema.KEY_DRAFT_VOCAB, [int(t) for t in draft])
     if meta.tree is not None:
         w.add_string(schema.KEY_TREE, json.dumps([list(map(int, p)) for p in meta.tree]))
     if meta.rank_accuracy is not None:
@@ -86,6 +98,21 @@ def _add_heads_meta(w, meta: HeadsMeta, head_type: str) -> None:
     w.add_uint32(schema.KEY_BASE_EMBEDDING_LENGTH, meta.n_embd)
     w.add_string(schema.KEY_BASE_VOCAB_HASH, meta.base_vocab_hash)
     w.add_file_type(0 if head_type == "f32" else 1 if head_type == "f16" else 7)
+
+
+def check_draft_vocab(ids, n_vocab: int) -> np.ndarray:
+    """``ids`` as an int32 array, checked as the schema requires (ValueError otherwise): 1 to
+    n_vocab full ids, each in [0, n_vocab), strictly increasing."""
+    a = np.asarray(ids)
+    if a.ndim != 1 or not 1 <= len(a) <= n_vocab:
+        raise ValueError(f"a draft vocabulary needs 1 to n_vocab = {n_vocab} ids, got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"draft vocabulary ids must be integers, got {a.dtype}")
+    if int(a.min()) < 0 or int(a.max()) >= n_vocab:
+        raise ValueError(f"draft vocabulary ids must lie in [0, {n_vocab}), got {int(a.min())}..{int(a.max())}")
+    if len(a) > 1 and not bool((np.diff(a.astype(np.int64)) > 0).all()):
+        raise ValueError("draft vocabulary ids must be unique and sorted ascending")
+    return a.astype(np.int32)
 
 
 # -- streaming: one tensor (and one block of rows) at a time, bounded memory -----------------------
@@ -218,3 +245,59 @@ def heads_tensors(
             yield schema.res_bias(i, j), b
         if out is not None:
             yield schema.output_weight(i), out[i]
+
+
+def draft_vocab_from_counts(counts, n: int) -> np.ndarray:
+    """The ``n`` most frequent token ids of ``counts`` (counts[id] = occurrences), ties (unseen
+    tokens too) broken toward the lower id, returned sorted ascending as the schema stores them."""
+    c = np.asarray(counts)
+    if c.ndim != 1 or len(c) < 1:
+        raise ValueError("token counts must be a non-empty vector, one count per vocabulary id")
+    if not 1 <= n <= len(c):
+        raise ValueError(f"a draft vocabulary of {n} tokens: needs 1 to n_vocab = {len(c)}")
+    top = np.argsort(-c.astype(np.int64), kind="stable")[:n]
+    return np.sort(top).astype(np.int32)
+
+
+def restrict_heads_file(src: str, dst: str, draft_vocab) -> dict:
+    """Write heads file ``src`` restricted to ``draft_vocab`` (full ids) as ``dst`` (schema 3).
+
+    ResBlocks are copied as stored; own output matrices keep only the draft rows, byte for byte
+    (so each remaining logit is exactly the original's); shared-output heads get the id list
+    only. A ``src`` that already has a draft vocabulary may be restricted to a subset of it. The
+    stored ``rank_accuracy`` is kept: it was measured over the full vocabulary, an upper bound for
+    the restricted heads (by at most the share of targets outside the draft vocabulary). The
+    tree is kept; its ranks must stay below the new size. Returns the new file's heads_info."""
+    import gguf
+
+    from . import gguf_check
+
+    info = gguf_check.heads_info(gguf_check.read_gguf(src, "heads file"))  # validated before gguf-py reads it
+    ids = check_draft_vocab(draft_vocab, info["n_vocab"])
+    old = info["draft_vocab"]
+    if old is None:
+        rows = ids.astype(np.int64)
+    else:
+        rows = np.searchsorted(old, ids)
+        if (rows >= len(old)).any() or (old[np.minimum(rows, len(old) - 1)] != ids).any():
+            raise ValueError(f"heads file {src} already has a draft vocabulary; the new one must be a subset of it")
+    reader = gguf.GGUFReader(src)
+    ft = reader.fields.get("general.file_type")
+    file_type = int(ft.parts[ft.data[0]][0]) if ft is not None else 1
+    head_type = {0: "f32", 1: "f16", 7: "q8_0"}.get(file_type, "f16")
+    out_names = {schema.output_weight(i) for i in range(info["n_heads"])}
+
+    def tensors():
+        for t in reader.tensors:
+            data = np.asarray(t.data)  # rows first: [ne1, ne0] floats, or [ne1, bytes per row]
+            if t.name in out_names:
+                data = data[rows]
+            yield t.name, data, t.tensor_type
+
+    meta = HeadsMeta(info["n_heads"], info["n_layers"], info["n_embd"], info["n_vocab"], info["shared_output"],
+                     json.loads(info["tree"]) if info["tree"] else None, info["base_vocab_hash"],
+                     info["rank_accuracy"], info["root_input"], ids.tolist())
+    if meta.tree and max(max(p) for p in meta.tree) >= len(ids):
+        raise ValueError(f"the stored tree proposes rank {max(max(p) for p in meta.tree)}, beyond a draft vocabulary of {len(ids)}")
+    write_heads_gguf(dst, meta, tensors(), head_type)
+    return gguf_check.heads_info(gguf_check.read_gguf(dst, "heads file"))

@@ -8,8 +8,10 @@ The ``model`` field may name anything (one model is served); responses name the 
 
 Strict: every body field is either honoured or refused with a 400 that names it; none is dropped
 with a 200. ``grammar`` (GBNF), ``response_format`` (``text``, ``json_object``, ``json_schema``)
-and llama-server's ``json_schema`` constrain the text, losslessly. Fields whose neutral value
-changes nothing (``mirostat_mode: 0``, ``logit_bias: {}``, ...) are accepted at that value only. Hostile input gets
+and llama-server's ``json_schema`` constrain the text, and ``logit_bias`` shifts it, losslessly.
+Chat takes ``tools``/``tool_choice`` (and ``functions``/``function_call``), ``role: "tool"`` results
+and assistant ``tool_calls`` (``medusa_edge.tools``). Fields whose neutral value
+changes nothing (``mirostat_mode: 0``, ``tfs_z: 1``, ...) are accepted at that value only. Hostile input gets
 a 4xx: bodies are bounded in size (413), in JSON depth and must hold valid text; numbers are
 range-checked against what the native sampler takes; an over-long prompt is refused before it is
 tokenized. Header and body reads have deadlines (the connection is closed, or answered 408).
@@ -264,25 +266,27 @@ _NEUTRAL = {
     "ignore_eos": ([False], "ignore_eos is not supported"),
     "n_probs": ([0], "n_probs is not supported; use logprobs"),
     "penalty_last_n": ([64], "the repeat penalty looks at the last 64 tokens; no other window is supported"),
-    "logit_bias": ([{}], "logit_bias is not supported by this server"),
     "stop_token_ids": ([[]], "stop_token_ids is not supported; use stop strings"),
-    "tools": ([[]], "tools are not supported by this server"),
-    "functions": ([[]], "functions are not supported by this server"),
 }
 _CHAT_NEUTRAL = {
     **_NEUTRAL,
+    "parallel_tool_calls": ([True], "parallel_tool_calls: false is not supported (a reply may hold several calls)"),
 }
 _TEXT_NEUTRAL = {
     **_NEUTRAL,
     "suffix": ([""], "suffix (fill-in-the-middle) is not supported"),
     "best_of": ([1], "only best_of=1 is supported"),
+    "tools": ([[]], "tools are for /v1/chat/completions"),
+    "functions": ([[]], "functions are for /v1/chat/completions"),
 }
-# Refused whenever sent (not null): constrained output, and what only has a meaning with tools.
+# Refused whenever sent (not null) where the endpoint does not take them: tools are for chat.
 _REFUSED = {
-    "tool_choice": "tool_choice needs tools, which are not supported by this server",
-    "parallel_tool_calls": "parallel_tool_calls needs tools, which are not supported by this server",
-    "function_call": "function_call needs functions, which are not supported by this server",
+    "tool_choice": "tool_choice needs tools, which are for /v1/chat/completions",
+    "parallel_tool_calls": "parallel_tool_calls needs tools, which are for /v1/chat/completions",
+    "function_call": "function_call needs functions, which are for /v1/chat/completions",
 }
+# Function calling, honoured on chat (checked by _tools_of with medusa_edge.tools.resolve).
+_TOOLS = ("tools", "tool_choice", "functions", "function_call")
 # Accepted and honoured, checked elsewhere or with no effect on the text by definition.
 _OTHER = {
     "model",  # any name: one model is served, and the response names it
@@ -295,8 +299,10 @@ _OTHER = {
 # Constrained output, honoured on both endpoints (checked by _grammar_of): GBNF text (llama-server's
 # and llama-cpp-python's "grammar"), OpenAI's response_format, llama-server's json_schema.
 _CONSTRAINTS = ("grammar", "response_format", "json_schema")
-_CHAT_FIELDS = {"messages", "max_completion_tokens", *_CHAT, *_CHAT_NEUTRAL, *_REFUSED, *_OTHER, *_CONSTRAINTS}
-_TEXT_FIELDS = {"prompt", *_TEXT, *_TEXT_NEUTRAL, *_REFUSED, *_OTHER, *_CONSTRAINTS}
+# Honoured on both endpoints (checked by _logit_bias_of): {token_id: bias}, keys strings as JSON has them.
+_BIASES = ("logit_bias",)
+_CHAT_FIELDS = {"messages", "max_completion_tokens", *_CHAT, *_CHAT_NEUTRAL, *_OTHER, *_CONSTRAINTS, *_BIASES, *_TOOLS}
+_TEXT_FIELDS = {"prompt", *_TEXT, *_TEXT_NEUTRAL, *_OTHER, *_CONSTRAINTS, *_BIASES}
 
 # /v1/embeddings: OpenAI's fields. Token-id inputs and ``dimensions`` are refused by name.
 _EMBED_FIELDS = {"input", "model", "encoding_format", "user"}
@@ -304,10 +310,13 @@ _EMBED_NEUTRAL = {"dimensions": ([], "dimensions is not supported: embeddings ha
 _EMBED_FORMATS = ("float", "base64")  # base64: little-endian float32, what the openai client asks for by default
 _MAX_EMBED_INPUTS = 2048  # OpenAI's limit on inputs per request
 
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool", "function")
 # Message keys besides role and content that are accepted only when null/empty: the SDKs send
 # them back with an assistant message they received.
 _MESSAGE_EMPTY_KEYS = {"tool_calls", "function_call", "tool_call_id", "refusal", "audio", "annotations", "name"}
+# Keys honoured on some roles: an assistant's tool_calls, a tool result's tool_call_id, a function
+# result's name (checked by medusa_edge.tools.check_history and rendered by the template).
+_MESSAGE_KEYS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id", "name"}, "function": {"name"}}
 
 _MAX_STOPS = 16
 _MAX_STOP_CHARS = 1024
@@ -381,7 +390,7 @@ def _refuse_fields(body: dict, allowed: set, neutral: dict) -> None:
         v = body[name]
         if v is None:
             continue
-        if name in _REFUSED:
+        if name in _REFUSED and name not in allowed:
             raise APIError(400, f"'{name}' is not supported: {_REFUSED[name]}", name, "unsupported_parameter")
         if name in neutral:
             accepted, why = neutral[name]
@@ -482,6 +491,44 @@ def _grammar_of(body: dict, engine) -> Optional[str]:
     return got[0]
 
 
+def _logit_bias_of(body: dict, n_vocab: int) -> Optional[dict]:
+    """``logit_bias`` checked here (token ids in the vocabulary, finite numbers, a bounded count),
+    so that a bad one is a 400 naming the field before anything is queued."""
+    from .engine import normalize_logit_bias
+
+    v = body.get("logit_bias")
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise APIError(400, f"'logit_bias' must be an object of token ids to biases, got {_short(v)}", "logit_bias",
+                       "invalid_type")
+    try:
+        got = normalize_logit_bias(v, n_vocab)
+    except ValueError as e:
+        raise APIError(400, str(e), "logit_bias", "invalid_value") from None
+    return dict(got) if got else None
+
+
+def _tools_of(body: dict, messages) -> dict:
+    """The function-calling keyword arguments, checked here so that a bad tool list or an
+    assistant message with malformed tool_calls is a 400 naming its field before anything is queued."""
+    from . import tools as _tools
+
+    kw = {k: body[k] for k in _TOOLS if body.get(k) is not None}
+    try:
+        spec = _tools.resolve(**kw)
+        if spec is not None and spec.forced:
+            _tools.grammar(spec, "hermes")  # the tools' schemas convert (the format changes only the wrapper)
+    except ValueError as e:
+        param = next((k for k in sorted(kw, key=len, reverse=True) if k in str(e)), next(iter(kw), None))
+        raise APIError(400, str(e), param, "invalid_value") from None
+    try:
+        _tools.check_history(messages)
+    except ValueError as e:
+        raise APIError(400, str(e), "messages", "invalid_value") from None
+    return kw
+
+
 def _stream_flags(body: dict) -> tuple[bool, bool]:
     """(stream, include_usage: a final chunk with ``usage`` and no choices, as OpenAI sends)."""
     stream = body.get("stream", False)
@@ -521,11 +568,12 @@ def _messages(messages) -> tuple[list, int]:
             raise APIError(400, f"'{where}.role' must be a string", "messages", "invalid_type" if role is not None
                            else "missing_required_parameter")
         if role not in _ROLES:
-            raise APIError(400, f"'{where}.role' must be one of {', '.join(_ROLES)}, got {_short(role)}"
-                           + (" (tools are not supported by this server)" if role in ("tool", "function") else ""),
+            raise APIError(400, f"'{where}.role' must be one of {', '.join(_ROLES)}, got {_short(role)}",
                            "messages", "invalid_value")
         for k, v in m.items():
-            if k in ("role", "content"):
+            if k in ("role", "content") or k in _MESSAGE_KEYS.get(role, ()):
+                if k in ("tool_call_id", "name") and v is not None and not isinstance(v, str):
+                    raise APIError(400, f"'{where}.{k}' must be a string", "messages", "invalid_type")
                 continue
             if k not in _MESSAGE_EMPTY_KEYS:
                 raise APIError(400, f"'{where}.{_join('', k)}' is not supported by this server", "messages",
@@ -702,8 +750,10 @@ class Server:
         body = await self._body(request)
         kw = _params(body, _CHAT, _CHAT_FIELDS, _CHAT_NEUTRAL)
         kw["grammar"] = _grammar_of(body, self.llm.engine)
+        kw["logit_bias"] = _logit_bias_of(body, self.llm.n_vocab())
         stream, include_usage = _stream_flags(body)
         messages, n_bytes = _messages(body.get("messages"))
+        kw.update(_tools_of(body, messages))
         self._check_prompt_bytes(n_bytes, "messages")
         limited = self.max_prompt_tokens < self.llm.n_ctx()  # else the engine checks against n_ctx
 
@@ -721,6 +771,7 @@ class Server:
         body = await self._body(request)
         kw = _params(body, _TEXT, _TEXT_FIELDS, _TEXT_NEUTRAL)
         kw["grammar"] = _grammar_of(body, self.llm.engine)
+        kw["logit_bias"] = _logit_bias_of(body, self.llm.n_vocab())
         stream, include_usage = _stream_flags(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):

@@ -77,6 +77,7 @@ from . import schema
 DATA_FORMAT = "medusa-edge-heads-data"
 DATA_VERSION = 2
 MAX_RANK = 10  # the engine proposes top-10 per head
+OUT_OF_DRAFT = -2  # a target outside the draft vocabulary: no loss, a miss in the held-out figures
 
 EPILOG = """\
 example:
@@ -572,7 +573,7 @@ def build_heads(n_heads: int, n_layers: int, w_out: np.ndarray, shared_output: b
             first = 2 * H if self.root_input else H
             self.res = nn.ModuleList([Head(*[ResBlock(H, first if j == 0 else H) for j in range(n_layers)]) for _ in range(n_heads)])
             if self.root_input:
-                if w_embd.shape != w_out.shape:
+                if w_embd.shape[1] != w_out.shape[1]:  # the output matrix may be a draft vocabulary's rows
                     raise ValueError(f"token embedding is {w_embd.shape}, output matrix {w_out.shape}")
                 # not in the state dict: it is the base's, read again from the GGUF
                 self.register_buffer("w_embd", torch.tensor(np.asarray(w_embd, dtype=np.float32)), persistent=False)
@@ -630,6 +631,7 @@ def heads_loss(logits, targets, weights, teacher=None, soft: float = 0.0):
     for i in range(logits.shape[0]):
         t = targets[:, i]
         m = t >= 0
+        t = torch.where(m, t, torch.full_like(t, -100))  # OUT_OF_DRAFT targets are ignored as well
         if bool(m.any()):
             li = F.cross_entropy(logits[i].float(), t, ignore_index=-100) if soft < 1.0 else 0.0
             if soft > 0.0:
@@ -693,6 +695,7 @@ def evaluate(model, hidden: "RowStore", rows: np.ndarray, targets: np.ndarray, w
     K = targets.shape[1]
     hits = np.zeros((K, MAX_RANK), np.int64)
     n = np.zeros(K, np.int64)
+    n_loss = np.zeros(K, np.int64)
     loss_sum = np.zeros(K)
     model.eval()
     with torch.no_grad():
@@ -707,17 +710,18 @@ def evaluate(model, hidden: "RowStore", rows: np.ndarray, targets: np.ndarray, w
             top = logits.topk(k, dim=-1).indices  # [K, B, k]
             for i in range(K):
                 m = t[:, i] >= 0
+                n[i] += int((t[:, i] != -100).sum())  # a target outside the draft vocabulary is a miss
                 c = int(m.sum())
                 if not c:
                     continue
-                n[i] += c
+                n_loss[i] += c
                 loss_sum[i] += float(torch.nn.functional.cross_entropy(logits[i][m], t[m, i], reduction="sum"))
                 eq = (top[i][m] == t[m, i][:, None]).sum(0).cpu().numpy()
                 hits[i, :k] += eq
     model.train()
     nn_ = np.maximum(n, 1)
     rank_acc = hits / nn_[:, None]
-    per = (loss_sum / nn_).tolist()
+    per = (loss_sum / np.maximum(n_loss, 1)).tolist()
     return EvalResult(
         loss=float(sum(w * l for w, l in zip(weights, per))), per_head_loss=per,
         top1=rank_acc[:, 0].tolist(), top5=rank_acc[:, :5].sum(1).tolist(), rank_acc=rank_acc, n_rows=n.tolist(),
@@ -795,6 +799,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for a 2H x H first ResBlock. Default on; --no-root-input gives the reference's heads "
                    "(schema version 1, readable by older medusa-edge)")
     g.add_argument("--head-type", choices=("f32", "f16", "q8_0"), default="f16", help="tensor type in the GGUF (default f16)")
+    g.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="heads score only the N most frequent target tokens of the training data (their output "
+                        "product shrinks from n_vocab to N rows); targets outside them are left out of the loss "
+                        "and count as misses in the held-out figures (default: the whole vocabulary)")
     g = p.add_argument_group("data (self-distillation)")
     g.add_argument("--gen-tokens", type=int, default=128, help="tokens the base generates per prompt (default 128)")
     g.add_argument("--temp", type=float, default=0.0, help="generation temperature; 0 = greedy (default)")
@@ -851,6 +859,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def data_identity(args, base: "BaseModel") -> dict:
+    """What a data cache's rows depend on (a cache made otherwise is refused)."""
+    return {
+        "base": base_file_id(args.base),
+        "base_vocab_hash": base.vocab_hash, "n_embd": base.n_embd, "n_vocab": base.n_vocab,
+        "gen_tokens": args.gen_tokens, "temperature": args.temp, "seed": args.seed,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "chat": base.template,
+        "chat_template_sha256": hashlib.sha256(base.template_text.encode()).hexdigest() if base.template_text else None,
+    }
+
+
 def _cosine(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / max(warmup, 1)
@@ -877,14 +897,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
 
     # 1. data
     base = BaseModel(args.base, n_ctx, n_threads, args.gpu_layers, args.chat)
-    identity = {
-        "base": base_file_id(args.base),
-        "base_vocab_hash": base.vocab_hash, "n_embd": base.n_embd, "n_vocab": base.n_vocab,
-        "gen_tokens": args.gen_tokens, "temperature": args.temp, "seed": args.seed,
-        "max_prompt_tokens": args.max_prompt_tokens,
-        "chat": base.template,
-        "chat_template_sha256": hashlib.sha256(base.template_text.encode()).hexdigest() if base.template_text else None,
-    }
+    identity = data_identity(args, base)
     cache = DataCache(cache_dir, identity)
     if cache.use_prompts(prompts) and cache.n_done:
         log(f"data: {cache.n_done} prompts cached in {cache_dir}, {len(prompts) - cache.n_done} more to generate")
@@ -920,6 +933,11 @@ def train(args: argparse.Namespace, log=print) -> dict:
         log("warning: no held-out positions (too few prompts): accuracies are on the training data")
         val_rows = train_rows
     val_prompts = sorted(set(int(prompt_index[s]) for s in val_seq))
+    draft, coverage = None, None
+    if args.draft_vocab is not None:
+        draft, targets, coverage = apply_draft_vocab(tokens, train_mask, targets, val_rows, args.draft_vocab, base.n_vocab)
+        log(f"draft vocabulary: the {len(draft)} most frequent training tokens; they hold {coverage:.4f} of the held-out"
+            " head targets")
 
     # 2. train
     device = _device(args.device)
@@ -928,6 +946,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
     w_out = read_output_matrix(args.base)
     if w_out.shape != (base.n_vocab, base.n_embd):
         raise ValueError(f"{args.base}: output matrix is {w_out.shape}, expected {(base.n_vocab, base.n_embd)}")
+    if draft is not None:
+        w_out = np.ascontiguousarray(w_out[draft])  # the heads' logits are over the draft tokens only
     w_embd = read_output_matrix(args.base, embedding=True) if args.root_input else None
     model = build_heads(K, args.layers, w_out, args.shared_output, args.seed, w_embd).to(device)
     # the base's output matrix, for the soft targets' teacher logits (the heads' own copy when shared)
@@ -946,6 +966,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
               "train_frac": args.train_frac}
     if args.soft_targets:  # only then, so checkpoints from before the option still resume
         config["soft_targets"] = args.soft_targets
+    if draft is not None:
+        config["draft_vocab"] = len(draft)
     step = 0
     perm_rng = np.random.default_rng(args.seed + 1)
     resume_order = None
@@ -1034,7 +1056,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
         paths = [list(p) for p in Tree.resolve(args.tree).paths]
         if paths and max(len(p) for p in paths) > K:
             raise ValueError(f"--tree {args.tree} is deeper than --heads {K}")
-    write_model(model, args.output, base, args.layers, args.shared_output, paths, args.head_type, final.rank_acc)
+    write_model(model, args.output, base, args.layers, args.shared_output, paths, args.head_type, final.rank_acc, draft)
     exp_tps = expected_tokens_per_step(final.rank_acc, paths)
 
     measured = None
@@ -1047,6 +1069,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "generation_tok_s": cache.meta.get("generation_tok_s"), "precision": args.precision,
         "heads": K, "layers": args.layers, "shared_output": args.shared_output, "root_input": args.root_input,
         "soft_targets": args.soft_targets, "history": history,
+        "draft_vocab": None if draft is None else len(draft),
+        "draft_coverage": None if coverage is None else round(coverage, 4),
         "sequences": int(S), "positions": int(len(tokens)), "train_positions": int(len(train_rows)),
         "heldout_positions": int(len(val_rows)), "steps": step, "device": device,
         "time_data_s": round(t_data, 2), "time_train_s": round(t_train, 2),
@@ -1061,15 +1085,36 @@ def train(args: argparse.Namespace, log=print) -> dict:
     return summary
 
 
+def apply_draft_vocab(tokens: np.ndarray, train_mask: np.ndarray, targets: np.ndarray, val_rows: np.ndarray, n: int,
+                      n_vocab: int):
+    """The draft vocabulary (the ``n`` most frequent tokens of the training sequences, ids sorted),
+    the targets as draft indices (OUT_OF_DRAFT outside it, -100 kept), and the share of held-out
+    targets inside it."""
+    from .heads_gguf import draft_vocab_from_counts
+
+    if not 1 <= n <= n_vocab:
+        raise ValueError(f"--draft-vocab {n}: needs 1 to n_vocab = {n_vocab}")
+    if n < MAX_RANK:
+        raise ValueError(f"--draft-vocab {n}: needs at least {MAX_RANK} tokens (each head proposes up to {MAX_RANK})")
+    draft = draft_vocab_from_counts(np.bincount(tokens[train_mask], minlength=n_vocab), n)
+    lut = np.full(n_vocab, OUT_OF_DRAFT, np.int64)
+    lut[draft] = np.arange(len(draft))
+    mapped = np.where(targets >= 0, lut[np.maximum(targets, 0)], targets)
+    held = targets[val_rows]
+    coverage = float((mapped[val_rows] >= 0).sum() / max(1, (held >= 0).sum()))
+    return draft, mapped, coverage
+
+
 def write_model(model, path: str, base: BaseModel, n_layers: int, shared_output: bool, paths, head_type: str,
-                rank_acc=None) -> None:
+                rank_acc=None, draft=None) -> None:
     from .heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
 
     res = [[(blk.linear.weight.detach().float().cpu().numpy(), blk.linear.bias.detach().float().cpu().numpy()) for blk in r]
            for r in model.res]
     out = None if shared_output else [o.weight.detach().float().cpu().numpy() for o in model.out]
     meta = HeadsMeta(len(res), n_layers, base.n_embd, base.n_vocab, shared_output, [list(p) for p in paths] or None,
-                     base.vocab_hash, None if rank_acc is None else np.asarray(rank_acc).tolist(), model.root_input)
+                     base.vocab_hash, None if rank_acc is None else np.asarray(rank_acc).tolist(), model.root_input,
+                     None if draft is None else [int(t) for t in draft])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_heads_gguf(path, meta, heads_tensors(res, out), head_type)
 
@@ -1108,6 +1153,8 @@ def format_summary(s: dict) -> str:
         f"default tree     {len(s['tree']) + 1} nodes {s['tree']}",
         f"expected tokens/step (from accuracies) {s['expected_tokens_per_step']}",
     ]
+    if s.get("draft_vocab"):
+        lines.insert(-3, f"draft vocabulary {s['draft_vocab']} tokens, {s['draft_coverage']} of the held-out targets")
     if s.get("measured_tokens_per_step"):
         m = s["measured_tokens_per_step"]
         lines.append(f"measured tokens/step {m['tokens_per_step']} (greedy, {m['prompts']} held-out prompts, default tree)")
@@ -1115,9 +1162,67 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_restrict_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m medusa_edge.train_heads restrict",
+        description="Restrict an existing heads file to a draft vocabulary: the N most frequent tokens of the base's "
+                    "answers to PROMPTS (generated as the trainer generates its data, and cached: the cache the heads "
+                    "were trained from, with the same prompts and settings, is reused without generating). No "
+                    "retraining: the kept rows are the original ones.")
+    p.add_argument("heads", help="heads GGUF to restrict")
+    p.add_argument("base", help="the base model GGUF")
+    p.add_argument("--draft-vocab", type=int, required=True, metavar="N", help="tokens to keep")
+    p.add_argument("--data", required=True, help="prompts, JSONL (as for training; never a benchmark's questions)")
+    p.add_argument("-o", "--output", required=True, help="heads GGUF to write")
+    p.add_argument("--cache", help="data cache directory (default: OUTPUT without .gguf, plus .data)")
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--parallel", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gpu-layers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def token_counts(args, log=print) -> np.ndarray:
+    """[n_vocab] occurrences of each token in the base's answers to ``args.data`` (cached)."""
+    prompts = load_prompts(args.data)
+    if args.max_prompts:
+        prompts = prompts[: args.max_prompts]
+    n_threads = args.threads or os.cpu_count() or 1
+    base = BaseModel(args.base, args.max_prompt_tokens + args.gen_tokens + 8, n_threads, args.gpu_layers, args.chat)
+    out_stem = args.output[:-5] if args.output.endswith(".gguf") else args.output
+    cache = DataCache(args.cache or out_stem + ".data", data_identity(args, base))
+    cache.use_prompts(prompts)
+    generate_data(base, prompts, cache, gen_tokens=args.gen_tokens, temperature=args.temp, seed=args.seed,
+                  max_prompt_tokens=args.max_prompt_tokens, n_parallel=args.parallel, log=log, progress=not args.quiet)
+    _, tokens, _, _ = cache.load()
+    return np.bincount(tokens, minlength=base.n_vocab)
+
+
+def restrict(args, log=print) -> dict:
+    from .heads_gguf import draft_vocab_from_counts, restrict_heads_file
+
+    counts = token_counts(args, log)
+    draft = draft_vocab_from_counts(counts, args.draft_vocab)
+    info = restrict_heads_file(args.heads, args.output, draft)
+    share = float(counts[draft].sum() / max(1, counts.sum()))
+    log(f"wrote {args.output}: {info['n_draft']} of {info['n_vocab']} tokens, holding {share:.4f} of the "
+        f"{int(counts.sum())} tokens of the base's answers")
+    return {"output": args.output, "n_draft": info["n_draft"], "coverage": share}
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["restrict"]:
+            restrict(parse_restrict_args(argv[1:]))
+            return 0
+        args = parse_args(argv)
         train(args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -586,20 +586,34 @@ struct Sampler {
     // With a grammar: the model whose vocabulary the grammar sampler points into (kept alive), the
     // chain's penalties and grammar members (owned by the chain), and a reused candidates buffer.
     std::shared_ptr<Model> model;
-    llama_sampler *penalties = nullptr, *grammar = nullptr;
+    llama_sampler *penalties = nullptr, *grammar = nullptr, *bias = nullptr;
     bool greedy = false;
     int32_t n_vocab = 0;
     std::vector<llama_token_data> cur;
 
     // Same order as llama-cpp-python's Llama._init_sampler, so equal settings give equal draws:
-    // penalties, grammar (GBNF, when given), then greedy, or top-k, typical, top-p, min-p,
-    // temperature, dist(seed). temp == 0: greedy; temp < 0: dist over the penalised (and
-    // grammar-masked) logits, nothing truncated (llama-cpp-python).
-    // A grammar that llama.cpp cannot parse is a std::invalid_argument naming its fault.
+    // logit bias (when given), penalties, grammar (GBNF, when given), then greedy, or top-k,
+    // typical, top-p, min-p, temperature, dist(seed). temp == 0: greedy; temp < 0: dist over the
+    // penalised (and grammar-masked) logits, nothing truncated (llama-cpp-python).
+    // The bias comes first because llama-cpp-python applies logit_bias as a logits processor, a
+    // custom sampler it adds before the penalties; both add the float32 bias to the float32 logit.
+    // A grammar that llama.cpp cannot parse, or a bias for a token outside the vocabulary or not
+    // finite, is a std::invalid_argument naming its fault.
     Sampler(int32_t n_vocab_, uint32_t seed, float temp, int32_t top_k, float top_p, float min_p, float repeat_penalty,
             int32_t penalty_last_n, float frequency_penalty, float presence_penalty, float typical_p,
-            std::shared_ptr<Model> model_, const std::string &grammar_str, const std::string &grammar_root)
+            std::shared_ptr<Model> model_, const std::string &grammar_str, const std::string &grammar_root,
+            const std::vector<std::pair<int32_t, float>> &logit_bias)
         : model(std::move(model_)), greedy(temp == 0.0f), n_vocab(n_vocab_) {
+        std::vector<llama_logit_bias> lb;
+        lb.reserve(logit_bias.size());
+        for (const auto &kv : logit_bias) {
+            if (kv.first < 0 || kv.first >= n_vocab)
+                throw std::invalid_argument("logit_bias names token " + std::to_string(kv.first) + ", outside the vocabulary [0, " +
+                                            std::to_string(n_vocab) + ")");
+            if (!std::isfinite(kv.second))
+                throw std::invalid_argument("logit_bias for token " + std::to_string(kv.first) + " is not a finite number");
+            lb.push_back(llama_logit_bias{kv.first, kv.second});
+        }
         llama_sampler *g = nullptr;
         if (!grammar_str.empty()) {
             if (!model) throw std::invalid_argument("a grammar needs the model (its vocabulary)");
@@ -613,6 +627,10 @@ struct Sampler {
             }
         }
         chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+        if (!lb.empty()) {
+            bias = llama_sampler_init_logit_bias(n_vocab, (int32_t)lb.size(), lb.data());
+            llama_sampler_chain_add(chain, bias);
+        }
         penalties = llama_sampler_init_penalties(n_vocab, penalty_last_n, repeat_penalty, frequency_penalty, presence_penalty);
         llama_sampler_chain_add(chain, penalties);
         if (g) llama_sampler_chain_add(chain, grammar = g);
@@ -652,6 +670,7 @@ struct Sampler {
         llama_token_data_array cur_p = {cur.data(), cur.size(), -1, false};
         llama_token token = LLAMA_TOKEN_NULL;
         if (greedy) {
+            if (bias) llama_sampler_apply(bias, &cur_p);
             llama_sampler_apply(penalties, &cur_p);
             int32_t best = 0;
             for (int32_t t = 1; t < n_vocab; ++t)
@@ -937,12 +956,17 @@ struct Heads {
     // Bounds on the metadata: far above any real head set, and they keep all size arithmetic in
     // int64 (n_heads * (2 * n_layers + 1) tensors; an [n_embd, n_vocab] matrix must also fit the file).
     static constexpr int64_t kMaxHeads = 256, kMaxLayers = 256, kMaxDim = (int64_t(1) << 24) - 1;
-    static constexpr int64_t kSchemaVersion = 2;  // medusa_edge/schema.py SCHEMA_VERSION
+    static constexpr int64_t kSchemaVersion = 3;  // medusa_edge/schema.py SCHEMA_VERSION
 
     std::string path;
     int32_t n_heads = 0, n_layers = 0, n_embd = 0, n_vocab = 0;
     bool shared_output = false;
     bool root_input = false;  // the first ResBlock reads [h; e(root)]
+    // Draft vocabulary (schema 3): the heads score only these full-vocabulary ids (strictly
+    // increasing, so ties between draft rows break toward the lower full id, as without one). Empty:
+    // every token. n_draft = rows of the output matrices the pass multiplies by (n_vocab without one).
+    std::vector<int32_t> draft_vocab;
+    int32_t n_draft = 0;
     int n_threads = 1;
 
     // What to load (filled once by parse(), then uploaded to a backend, again after a fallback).
@@ -951,6 +975,9 @@ struct Heads {
         uint64_t offset, nbytes;
         ggml_type type;
         int64_t ne0, ne1;
+        // non-empty: only these rows of the file's [ne0, *] matrix, in this order (ne1 = rows.size());
+        // each row is read as stored (same type, same bytes), so every logit is the full product's
+        std::vector<int32_t> rows;
     };
     std::vector<WeightSpec> specs;
     std::vector<std::vector<int>> w_idx, b_idx;  // [head][layer] -> index into specs / weights
@@ -1044,7 +1071,7 @@ struct Heads {
         upload();
         // Check the graph the engine builds first (top-10 of every head) now, so that a fallback
         // happens at load time; build() checks again for every other (k, n_used).
-        build(std::min<int32_t>(10, n_vocab), n_heads, true);
+        build(std::min<int32_t>(10, n_draft), n_heads, true);
     }
 
     // Validate the heads file (and the model file's lm_head for shared output) and fill specs.
@@ -1063,6 +1090,7 @@ struct Heads {
         shared_output = hf.get_bool("medusa.shared_output", false);
         root_input = hf.get_bool("medusa.root_input", false);
         if (root_input && n_layers < 1) hf.fail("medusa.root_input is set but the heads have no ResBlock to read the root token");
+        parse_draft_vocab(hf, version);
         const int64_t needed = (int64_t)n_heads * (2 * n_layers + (shared_output ? 0 : 1));  // <= 256 * 513
         if (needed > gguf_get_n_tensors(hf.g))
             hf.fail("the metadata asks for " + std::to_string(needed) + " tensors (" + std::to_string(n_heads) + " heads, " +
@@ -1094,7 +1122,7 @@ struct Heads {
                 w_idx[i].push_back(take(hf, p + ".weight", (root_input && j == 0 ? 2 : 1) * (int64_t)n_embd, n_embd, true));
                 b_idx[i].push_back(take(hf, p + ".bias", n_embd, 1, false));
             }
-            if (!shared_output) out_idx[i] = take(hf, "medusa." + std::to_string(i) + ".output.weight", n_embd, n_vocab, true);
+            if (!shared_output) out_idx[i] = take(hf, "medusa." + std::to_string(i) + ".output.weight", n_embd, n_draft, true);
         }
         if (shared_output) {
             // "version 2" heads reuse the base lm_head: output.weight (or the tied embedding) of the model file.
@@ -1104,7 +1132,18 @@ struct Heads {
             if (m->ne[0] != n_embd || m->ne[1] != n_vocab)  // a heads fault: name the heads file first
                 hf.fail("made for an lm_head of [" + std::to_string(n_embd) + ", " + std::to_string(n_vocab) + "], but " + name +
                         " of model file " + model_path + " is [" + std::to_string(m->ne[0]) + ", " + std::to_string(m->ne[1]) + "]");
-            const int idx = take(base, name, n_embd, n_vocab, true);
+            int idx = take(base, name, n_embd, n_vocab, true);
+            if (!draft_vocab.empty()) {
+                // The draft rows of the base's matrix, as a spec of their own: the pass multiplies by
+                // [n_embd, n_draft], and the full matrix is not loaded for it (a tied model's
+                // token_embd is still loaded whole for root input below, as a separate spec).
+                WeightSpec s = specs[idx];
+                s.name += ".draft";
+                s.ne1 = n_draft;
+                s.nbytes = (uint64_t)ggml_row_size(s.type, s.ne0) * (uint64_t)n_draft;
+                s.rows = draft_vocab;
+                specs[idx] = s;  // take() added the full matrix just now: only its draft rows are needed
+            }
             for (int i = 0; i < n_heads; ++i) out_idx[i] = idx;
         }
         if (root_input) {
@@ -1117,6 +1156,33 @@ struct Heads {
                         model_path + " is [" + std::to_string(m->ne[0]) + ", " + std::to_string(m->ne[1]) + "]");
             embd_idx = take(base, "token_embd.weight", n_embd, n_vocab, true);
         }
+    }
+
+    // medusa.draft_vocab (schema 3): an i32 array of 1 to n_vocab full ids, each in [0, n_vocab),
+    // strictly increasing (so unique). Anything else is one clear error naming the key.
+    void parse_draft_vocab(const GgufFile &hf, int64_t version) {
+        draft_vocab.clear();
+        n_draft = n_vocab;
+        const char *key = "medusa.draft_vocab";
+        const int64_t id = gguf_find_key(hf.g, key);
+        if (id < 0) return;
+        if (version < 3) hf.fail(std::string(key) + " needs schema version 3, the file says " + std::to_string(version));
+        if (gguf_get_kv_type(hf.g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(hf.g, id) != GGUF_TYPE_INT32)
+            hf.fail(std::string("key ") + key + " is of type " + gguf_kv_type_label(hf.g, id) + ", not an array of i32");
+        const size_t n = gguf_get_arr_n(hf.g, id);
+        if (n < 1 || n > (size_t)n_vocab)
+            hf.fail(std::string(key) + " has " + std::to_string(n) + " ids, not 1 to n_vocab = " + std::to_string(n_vocab));
+        const int32_t *v = (const int32_t *)gguf_get_arr_data(hf.g, id);
+        for (size_t i = 0; i < n; ++i) {
+            if (v[i] < 0 || v[i] >= n_vocab)
+                hf.fail(std::string(key) + "[" + std::to_string(i) + "] = " + std::to_string(v[i]) + " is outside [0, " +
+                        std::to_string(n_vocab) + ")");
+            if (i > 0 && v[i] <= v[i - 1])
+                hf.fail(std::string(key) + " is not strictly increasing (ids " + std::to_string(v[i - 1]) + ", " +
+                        std::to_string(v[i]) + " at " + std::to_string(i - 1) + ", " + std::to_string(i) + "): ids must be unique and sorted");
+        }
+        draft_vocab.assign(v, v + n);
+        n_draft = (int32_t)n;
     }
 
     // The backend of the device that holds the model's layers when offloading, else the CPU.
@@ -1158,7 +1224,7 @@ struct Heads {
         for (int i = 1; stack && i < n_heads; ++i) stack = specs[out_idx[i]].type == specs[out_idx[0]].type;
         std::vector<bool> in_stack(specs.size(), false);
         if (stack) {
-            out_stack = ggml_new_tensor_3d(wctx, specs[out_idx[0]].type, n_embd, n_vocab, n_heads);
+            out_stack = ggml_new_tensor_3d(wctx, specs[out_idx[0]].type, n_embd, n_draft, n_heads);
             ggml_set_name(out_stack, "medusa.output.stacked");
             for (int i = 0; i < n_heads; ++i) in_stack[out_idx[i]] = true;
         }
@@ -1179,7 +1245,14 @@ struct Heads {
             FILE *f = fopen(s.file.c_str(), "rb");
             if (!f) throw std::invalid_argument("cannot open " + s.file);
             buf.resize(s.nbytes);
-            const bool ok = fseeko(f, (off_t)s.offset, SEEK_SET) == 0 && fread(buf.data(), 1, s.nbytes, f) == s.nbytes;
+            bool ok = true;
+            if (s.rows.empty()) {
+                ok = fseeko(f, (off_t)s.offset, SEEK_SET) == 0 && fread(buf.data(), 1, s.nbytes, f) == s.nbytes;
+            } else {  // selected rows (ids checked < the file matrix's rows by parse)
+                const size_t rb = ggml_row_size(s.type, s.ne0);
+                for (size_t r = 0; ok && r < s.rows.size(); ++r)
+                    ok = fseeko(f, (off_t)(s.offset + (uint64_t)s.rows[r] * rb), SEEK_SET) == 0 && fread(buf.data() + r * rb, 1, rb, f) == rb;
+            }
             fclose(f);
             if (weights[i]) {
                 if (!ok || ggml_nbytes(weights[i]) != s.nbytes)
@@ -1276,11 +1349,11 @@ struct Heads {
         if (shared_output) {
             logits = ggml_mul_mat(gctx, weights[out_idx[0]], xcat);
         } else if (out_stack) {
-            ggml_tensor *w = ggml_view_3d(gctx, out_stack, n_embd, n_vocab, n_used, out_stack->nb[1], out_stack->nb[2], 0);
-            logits = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, w, ggml_reshape_3d(gctx, xcat, n_embd, 1, n_used)), n_vocab, n_used);
+            ggml_tensor *w = ggml_view_3d(gctx, out_stack, n_embd, n_draft, n_used, out_stack->nb[1], out_stack->nb[2], 0);
+            logits = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, w, ggml_reshape_3d(gctx, xcat, n_embd, 1, n_used)), n_draft, n_used);
         } else {
             for (int i = 0; i < n_used; ++i) {
-                ggml_tensor *li = ggml_mul_mat(gctx, weights[out_idx[i]], xs[i]);  // [n_vocab, 1]
+                ggml_tensor *li = ggml_mul_mat(gctx, weights[out_idx[i]], xs[i]);  // [n_draft, 1]
                 logits = logits ? ggml_concat(gctx, logits, li, 1) : li;
             }
         }
@@ -1291,8 +1364,8 @@ struct Heads {
             out_probs = nullptr;
         } else {
             out_ids = ggml_top_k(gctx, logits, k);                                   // [k, n_used] i32, unordered
-            ggml_tensor *scores = logp ? ggml_soft_max(gctx, logits) : logits;        // [n_vocab, n_used]
-            ggml_tensor *rows = ggml_reshape_3d(gctx, scores, 1, n_vocab, n_used);    // one "row" per token
+            ggml_tensor *scores = logp ? ggml_soft_max(gctx, logits) : logits;        // [n_draft, n_used]
+            ggml_tensor *rows = ggml_reshape_3d(gctx, scores, 1, n_draft, n_used);    // one "row" per token
             out_probs = ggml_get_rows(gctx, rows, out_ids);                           // [1, k, n_used]
         }
         ggml_set_output(out_ids);
@@ -1326,7 +1399,9 @@ struct Heads {
     }
 
     void check_shape(int32_t k, int32_t &n_used) const {
-        if (k < 1 || k > n_vocab) throw std::invalid_argument("top_k must be in [1, n_vocab]");
+        if (k < 1 || k > n_draft)
+            throw std::invalid_argument(draft_vocab.empty() ? "top_k must be in [1, n_vocab]"
+                                                            : "top_k must be in [1, " + std::to_string(n_draft) + "] (the heads' draft vocabulary)");
         if (n_used < 0) n_used = n_heads;
         if (n_used < 1 || n_used > n_heads)
             throw std::invalid_argument("n_heads_used must be in [1, " + std::to_string(n_heads) + "]");
@@ -1364,10 +1439,12 @@ struct Heads {
         py::array_t<int32_t> ids({n_used, k});
         py::array_t<float> logp_out(logp ? std::vector<py::ssize_t>{n_used, k} : std::vector<py::ssize_t>{0, 0});
         for (int i = 0; i < n_used; ++i) {
-            const int32_t *id = all_id.data() + (size_t)i * k;  // head i's column
-            for (int j = 0; j < k; ++j)
-                if (id[j] < 0 || id[j] >= n_vocab)
+            int32_t *id = all_id.data() + (size_t)i * k;  // head i's column
+            for (int j = 0; j < k; ++j) {
+                if (id[j] < 0 || id[j] >= n_draft)
                     throw std::runtime_error("Medusa heads: " + backend_name + " returned token id " + std::to_string(id[j]));
+                if (!draft_vocab.empty()) id[j] = draft_vocab[id[j]];  // draft row -> full id, before ranking ties by id
+            }
             int32_t *io = ids.mutable_data(i, 0);
             if (!out_probs) {  // k = 1: the argmax
                 io[0] = id[0];
@@ -1633,13 +1710,16 @@ PYBIND11_MODULE(_native, m) {
 
     py::class_<Sampler>(m, "Sampler")
         .def(py::init<int32_t, uint32_t, float, int32_t, float, float, float, int32_t, float, float, float,
-                      std::shared_ptr<Model>, const std::string &, const std::string &>(), py::arg("n_vocab"),
+                      std::shared_ptr<Model>, const std::string &, const std::string &,
+                      const std::vector<std::pair<int32_t, float>> &>(), py::arg("n_vocab"),
              py::arg("seed"), py::arg("temp"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("repeat_penalty"),
              py::arg("penalty_last_n"), py::arg("frequency_penalty") = 0.0f, py::arg("presence_penalty") = 0.0f,
              py::arg("typical_p") = 1.0f, py::kw_only(), py::arg("model") = py::none(), py::arg("grammar") = "",
-             py::arg("grammar_root") = "root",
+             py::arg("grammar_root") = "root", py::arg("logit_bias") = std::vector<std::pair<int32_t, float>>(),
              "A llama.cpp sampler chain; with `grammar` (GBNF text, root rule `grammar_root`) llama.cpp's grammar sampler "
-             "follows the penalties, as in llama-cpp-python. ValueError for a grammar llama.cpp cannot parse.")
+             "follows the penalties, as in llama-cpp-python; `logit_bias` ([(token, bias)]) is llama.cpp's logit-bias "
+             "sampler, first in the chain (where llama-cpp-python's logits processor runs). ValueError for a grammar "
+             "llama.cpp cannot parse or a bias outside the vocabulary or not finite.")
         .def("sample", &Sampler::sample, py::arg("ctx"), py::arg("row"))
         .def("accept", &Sampler::accept, py::arg("token"))
         .def("reset", &Sampler::reset);
@@ -1667,6 +1747,9 @@ PYBIND11_MODULE(_native, m) {
         .def_readonly("n_vocab", &Heads::n_vocab)
         .def_readonly("shared_output", &Heads::shared_output)
         .def_readonly("root_input", &Heads::root_input)
+        .def_readonly("n_draft", &Heads::n_draft, "rows the heads score: the draft vocabulary's size, n_vocab without one")
+        .def_property_readonly("draft_vocab", [](const Heads &h) { return py::array_t<int32_t>((py::ssize_t)h.draft_vocab.size(), h.draft_vocab.data()); },
+                               "the draft vocabulary's full ids (empty without one)")
         .def_property_readonly("stacked_output", [](const Heads &h) { return h.out_stack != nullptr; })
         .def_readonly("backend", &Heads::backend_name)
         .def_readonly("n_graph_builds", &Heads::n_builds)

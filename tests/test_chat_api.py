@@ -69,7 +69,7 @@ def test_completion_parameters_follow_llama_cpp_python(templated):
     with pytest.raises(ValueError, match="suffix"):
         med.create_completion(prompt, "tail")
     for name, kw in (("mirostat_mode", {"mirostat_mode": 2}), ("grammar", {"grammar": object()}),
-                     ("logit_bias", {"logit_bias": {1: 2.0}})):
+                     ("logit_bias", {"logit_bias": {10**9: 2.0}})):
         with pytest.raises(ValueError, match=name):
             med.create_completion(prompt, **kw)
     with pytest.raises(ValueError, match="tools"):
@@ -77,7 +77,8 @@ def test_completion_parameters_follow_llama_cpp_python(templated):
     # penalties, echo, temperature < 0 and seeds: the same text as llama-cpp-python
     for kw in ({"frequency_penalty": 0.8, "presence_penalty": 0.5, "temperature": 0},
                {"temperature": -1, "seed": 3}, {"temperature": 0.7, "seed": 11, "typical_p": 0.9},
-               {"echo": True, "temperature": 0}):
+               {"echo": True, "temperature": 0}, {"logit_bias": {1: 2.0, "5": -3.3}, "temperature": 0},
+               {"logit_bias": {7: 1.5}, "temperature": 0.8, "seed": 5}):
         a = med.create_completion(prompt, max_tokens=24, **kw)
         b = base.create_completion(prompt, max_tokens=24, **kw)
         assert a["choices"][0]["text"] == b["choices"][0]["text"], kw

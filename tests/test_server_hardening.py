@@ -97,14 +97,15 @@ def test_unsupported_field_refused_by_name_openai_client(server):
     client = server.client(api_key=KEY)
     for field, value in [("mirostat_mode", 2),
                          ("n_probs", 3), ("ignore_eos", True), ("stop_token_ids", [2]), ("suffix_x", 1),
-                         ("dry_multiplier", 0.8), ("logit_bias", {"1": 5})]:
+                         ("dry_multiplier", 0.8)]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=SKY, max_tokens=4, extra_body={field: value})
         assert e.value.param == field and e.value.code == "unsupported_parameter", (field, e.value.body)
         assert field in e.value.message
     # constrained output is honoured (tests/test_grammar.py); a bad one is refused naming its field
     for field, value in [("response_format", {"type": "xml"}), ("grammar", "root ::= ("),
-                         ("json_schema", {"type": "object", "properties": 1})]:
+                         ("json_schema", {"type": "object", "properties": 1}), ("logit_bias", {"1": "5"}),
+                         ("logit_bias", {"99999999": 1}), ("logit_bias", {"x": 1})]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=SKY, max_tokens=4, extra_body={field: value})
         assert e.value.param == field and e.value.code == "invalid_value", (field, e.value.body)
@@ -159,7 +160,8 @@ def test_neutral_and_honoured_fields(server):
      "messages[0].content[0].text", "invalid_value"),
     ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages", "invalid_value"),
     ("chat/completions", {"messages": [{"role": "tool", "content": "hi", "tool_call_id": "1"}]}, "messages",
-     "invalid_value"),
+     "invalid_value"),  # answers no call
+    ("chat/completions", {"messages": [{"role": "function", "content": "hi"}]}, "messages", "invalid_value"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages",
      "unsupported_parameter"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -340,11 +342,14 @@ _BAD = {
                         {"type": "json_schema", "json_schema": {"schema": 5}}, {"type": "json_object", "schema": []}],
     "grammar": [1, [], {}, True, "a", "root ::= (", "root ::= undefined", "(" * 5000],
     "json_schema": [1, "a", [], True, {"type": "object", "properties": 1}, {"$ref": "https://example.com/s.json"}],
+    "logit_bias": [1, "a", [], True, {"a": 1}, {"1": "x"}, {"-1": 1}, {"99999999": 1}, {"1": 1e308}, {"1": [1]},
+                   {str(i): 1 for i in range(1025)}],
+    "parallel_tool_calls": [False, 1, "a", [], {}],
 }
 _UNKNOWN = ["suffix_", "tools", "functions", "tool_choice", "n_probs", "ignore_eos", "min_keep",
             "dry_base", "xtc_probability", "samplers", "id_slot", "lora", "t_max_predict_ms", "return_tokens",
-            "penalty_last_n", "stop_token_ids", "logit_bias", "mirostat_mode", "store", "metadata", "service_tier",
-            "modalities", "audio", "prediction", "reasoning_effort", "parallel_tool_calls", "function_call",
+            "penalty_last_n", "stop_token_ids", "mirostat_mode", "store", "metadata", "service_tier",
+            "modalities", "audio", "prediction", "reasoning_effort", "function_call",
             "web_search_options", "\u00e9t\u00e9", "a b", "x"]
 _STREAM = dict(max_tokens=64, temperature=0, stream=True)
 
