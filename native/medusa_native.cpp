@@ -225,6 +225,26 @@ struct TreeShape {
 
 // ---------------------------------------------------------------------------------------------
 
+// Decode `batch` (already filled) with the GIL released; raise on failure, and raise
+// KeyboardInterrupt when Ctrl-C arrived during the decode (see SigintGuard).
+static void decode_or_raise(llama_context *ctx, llama_batch &batch, const char *what) {
+    int32_t rc;
+    bool interrupted;
+    clear_last_error();
+    {
+        SigintGuard guard;
+        py::gil_scoped_release release;
+        rc = llama_decode(ctx, batch);
+        interrupted = g_interrupted.load();
+    }
+    if (interrupted || rc == 2) {
+        PyErr_SetNone(PyExc_KeyboardInterrupt);
+        throw py::error_already_set();
+    }
+    if (rc != 0)
+        throw std::runtime_error(std::string(what) + ": llama_decode failed with code " + std::to_string(rc) + last_error());
+}
+
 // Greedy for llama.cpp's backend sampling that hands back the token alone. llama.cpp's own greedy
 // sampler leaves the row's logits as an output of the sampling graph, and llama.cpp copies every
 // such row to the host (seen: llama_get_logits_ith then returns that copy); this one clears them,
@@ -391,25 +411,7 @@ struct Context {
         }
     }
 
-    // Decode `batch` (already filled) with the GIL released; raise on failure, and raise
-    // KeyboardInterrupt when Ctrl-C arrived during the decode (see SigintGuard).
-    void run_decode(const char *what) {
-        int32_t rc;
-        bool interrupted;
-        clear_last_error();
-        {
-            SigintGuard guard;
-            py::gil_scoped_release release;
-            rc = llama_decode(ctx, batch);
-            interrupted = g_interrupted.load();
-        }
-        if (interrupted || rc == 2) {
-            PyErr_SetNone(PyExc_KeyboardInterrupt);
-            throw py::error_already_set();
-        }
-        if (rc != 0)
-            throw std::runtime_error(std::string(what) + ": llama_decode failed with code " + std::to_string(rc) + last_error());
-    }
+    void run_decode(const char *what) { decode_or_raise(ctx, batch, what); }
 
     void check_fits(int32_t n_past, int32_t n_tokens, int32_t max_depth_plus_one) const {
         if (n_tokens > n_batch)
@@ -1564,20 +1566,7 @@ struct Embedder {
                 batch.logits[r] = 1;
             }
         llama_memory_clear(llama_get_memory(ctx), true);
-        int32_t rc;
-        bool interrupted;
-        clear_last_error();
-        {
-            SigintGuard guard;
-            py::gil_scoped_release release;
-            rc = llama_decode(ctx, batch);
-            interrupted = g_interrupted.load();
-        }
-        if (interrupted || rc == 2) {
-            PyErr_SetNone(PyExc_KeyboardInterrupt);
-            throw py::error_already_set();
-        }
-        if (rc != 0) throw std::runtime_error("embeddings: llama_decode failed with code " + std::to_string(rc) + last_error());
+        decode_or_raise(ctx, batch, "embeddings");
         py::list out;
         int32_t row = 0;
         for (size_t i = 0; i < seqs.size(); ++i) {
