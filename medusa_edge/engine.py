@@ -30,7 +30,8 @@ from ._loader import native
 from .hwguard import load_model
 from .errors import BusyError, ContextOverflowError, HeadsError, ModelLoadError
 from . import tune
-from .tree import PRESETS, Tree, TreeError, accept_greedy, accept_typical
+from .autotree import AutoTree, delegate
+from .tree import PRESETS, Tree, TreeError, accept, accept_typical
 
 #: proposer(generated, n_heads, top_k) -> [n_heads, top_k] token ids, rank-sorted. ``generated``
 #: holds the tokens emitted so far, the current root last. Replaces the heads (tests, other drafts).
@@ -171,6 +172,20 @@ class Stats:
         }
 
 
+@dataclass
+class _Run:
+    """What the steps of one generation share: its sampler chain and parameters, the proposer (None:
+    the heads), its stats, the list that gets each token's raw logits (None: none kept), and the
+    tokens generated so far, the current root last."""
+
+    sampler: object
+    params: SamplingParams
+    proposer: Optional[Proposer]
+    stats: Stats
+    logits_out: Optional[list]
+    generated: list
+
+
 def read_heads_info(path: str) -> dict:
     """The heads GGUF's metadata (no tensor data), every value type- and range-checked: HeadsError
     naming the file and the fault for unreadable, damaged or inconsistent files. Read natively with
@@ -244,21 +259,7 @@ class Engine:
         self.model_path = model_path
         self.n_gpu_layers = n_gpu_layers
         self.heads_path = heads_path
-        try:
-            probe = load_model(model_path, vocab_only=True)  # pre-checks the file (gguf_check)
-        except (RuntimeError, ValueError) as e:
-            raise ModelLoadError(str(e)) from None
-        if probe.is_recurrent:
-            raise ModelLoadError(
-                f"model {model_path} has a recurrent or hybrid architecture ({probe.meta('general.architecture')}), whose state "
-                "cannot branch: Medusa tree verification needs a pure-attention model"
-            )
-        del probe
-        try:
-            self.model = load_model(model_path, n_gpu_layers=n_gpu_layers, checked=True)
-        except (RuntimeError, ValueError) as e:
-            raise ModelLoadError(str(e)) from None
-
+        self.model = self._load_model(model_path, n_gpu_layers)
         self.heads = None
         self.heads_info = None
         if heads_path is not None:
@@ -266,47 +267,21 @@ class Engine:
             self._check_heads_match(heads_path, self.heads_info)
 
         on_gpu = n_gpu_layers != 0 and native.supports_gpu_offload()
-        # "auto" (the default with heads): a tree planned from this device's measured costs (below)
+        # "auto" (the default with heads): a tree planned from this device's measured costs (_tune)
         self.auto = self.heads_info is not None and (tree is None or tree == "auto")
         self.tree = Tree.from_paths([]) if self.auto else self._choose_tree(tree)
         fa = -1 if flash_attn is None else int(bool(flash_attn))
-        # Exact mode: every decode stays inside the batch sizes measured bit-identical to
-        # one-token decodes on this device (exactness.py): trees, and prompt micro-batches too
-        # when the region is wide enough to prefill in (so a reused prefix equals a cold start).
-        # "auto" is exact mode where the device has an exact region of 2 rows or more, and
-        # otherwise (GPUs, F16/F32 weights) Medusa with trees of any size (see ``guarantee``).
-        if exact not in (True, False, "auto"):
-            raise ValueError(f"exact must be True, False or 'auto', got {exact!r}")
-        self.exact_setting = exact
-        self.exact = exact is not False
-        self.exact_batch = 0  # 0: not measured (exact=False); 1: no exact region here
+        tk = -1 if type_k is None else int(type_k)
+        tv = -1 if type_v is None else int(type_v)
         # Threads: batches get all; so do one-token decodes, except in exact mode on the CPU once
         # the KV view reaches 512 cells (exactness.single_threads), where they get n_threads_long.
         self.n_threads = self.n_threads_batch = n_threads
-        tk = -1 if type_k is None else int(type_k)
-        tv = -1 if type_v is None else int(type_v)
-        if self.exact:
-            try:  # the probe makes the first contexts: bad settings (a KV type, ...) fail here
-                with _progress("measuring which batches this device computes exactly as one-token decodes"):
-                    self.exact_batch, _ = exactness.exact_batch(self.model, model_path, n_threads=n_threads, flash_attn=fa,
-                                                                f32_kv=f32_kv, n_gpu_layers=n_gpu_layers, type_k=tk,
-                                                                type_v=tv)
-            except (RuntimeError, ValueError) as e:
-                raise ModelLoadError(str(e)) from None
-            if self.exact_batch >= 2:
-                self.tree = self.tree.prefix(self.exact_batch)
-            elif exact == "auto":
-                self.exact = False  # no exact region: verified rows are the guarantee
+        self._measure_exact(exact, n_threads, fa, f32_kv, tk, tv)
         # every prompt row computed as a one-token decode: chunking and prefix reuse change nothing
         self.exact_prefill = self.exact_batch >= self.MIN_EXACT_UBATCH
         n_ubatch = self.exact_batch if self.exact_prefill else 0
         n_heads = self.heads_info["n_heads"] if self.heads_info else self.tree.max_depth
-        # the largest tree "auto" may pick: inside the exact region, the batch and 64 nodes; and its
-        # leaves, each a KV sequence: committing a step scans the KV cells once per sequence of the
-        # context (2 x 62 scans of 2,048 cells cost 0.3 ms a step on the 2-core test machine, a
-        # sixth of a demo-model step), so CPUs, where small trees win anyway, get 8
-        self.max_auto_nodes = max(1, min(64, n_batch, self.exact_batch if self.exact else 64))
-        self.max_auto_leaves = max(1, min(self.max_auto_nodes - 1, 8 if not on_gpu else 64))
+        self.autotree = AutoTree.for_device(n_batch, self.exact_batch if self.exact else None, on_gpu)
         # the context gets one sequence per leaf; check before allocating anything
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
         n_seq = max(1, self.max_auto_leaves if self.auto else self.tree.n_leaves)
@@ -320,21 +295,7 @@ class Engine:
         self._set_long_threads(self.tree.n_nodes > 1)  # auto: again once planned
         self._n_threads_single = n_threads  # what the context has now (see _threads_for)
         self.flash_attn = bool(self.ctx.flash_attn)
-        medusa_on = self.auto or self.tree.n_nodes > 1
-        if self.exact_setting is not False and self.exact_batch < 2 and medusa_on:
-            if not self.exact:
-                then = ("so Medusa verifies its trees with the guarantee of other speculative decoders: every token is the "
-                        "base model's argmax (or seeded draw) at its verified row, and the text may differ from plain "
-                        "decoding at near-ties (`medusa-edge verify --no-exact` measures how often; exact=True "
-                        "(--exact strict) keeps the text bit-identical by decoding plainly).")
-            elif self.auto:
-                then = ("so exact mode decodes plainly, without a tree; exact='auto' (the default) lets Medusa run, with "
-                        "output that may differ from plain decoding at near-ties.")
-            else:
-                then = "so Medusa's output may differ from plain decoding at near-ties; `medusa-edge verify` measures how often."
-            print(f"medusa-edge: on this device no batch of {self.model.description()} computes its rows bit for bit as "
-                  "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), " + then,
-                  file=sys.stderr)
+        self._say_guarantee()
         # Tokens whose K/V sit at positions 0..len-1 of every sequence: the prefix a next call may
         # reuse, valid while the context's epoch is the one recorded (nobody else edited the cache).
         self._kv_tokens: list[int] = []
@@ -347,14 +308,73 @@ class Engine:
         self._shapes: dict[tuple, tuple[Tree, object]] = {}
         # the tree for a KV cache past the split (see _replan); a fixed tree serves both
         self.tree_long = self.tree
-        self.costs: Optional[tune.Costs] = None
-        self.plan: Optional[tune.Plan] = None
-        self.plan_long: Optional[tune.Plan] = None
-        self.live: Optional[tune.LiveAcceptance] = None
-        self.live_costs: Optional[tune.LiveCosts] = None
         if self.auto and self.max_auto_nodes >= 2:
             self._tune(exactness.cache_key(model_path, n_threads=n_threads, flash_attn=fa, f32_kv=f32_kv, type_k=tk, type_v=tv,
                                            n_gpu_layers=n_gpu_layers))
+
+    @staticmethod
+    def _load_model(model_path: str, n_gpu_layers: int):
+        """The model, after a vocabulary-only probe that pre-checks the file (gguf_check) and refuses
+        recurrent and hybrid architectures; ModelLoadError naming the fault."""
+        try:
+            probe = load_model(model_path, vocab_only=True)
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(str(e)) from None
+        if probe.is_recurrent:
+            raise ModelLoadError(
+                f"model {model_path} has a recurrent or hybrid architecture ({probe.meta('general.architecture')}), whose state "
+                "cannot branch: Medusa tree verification needs a pure-attention model"
+            )
+        del probe
+        try:
+            return load_model(model_path, n_gpu_layers=n_gpu_layers, checked=True)
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(str(e)) from None
+
+    def _measure_exact(self, exact: "bool | str", n_threads: int, fa: int, f32_kv: bool, tk: int, tv: int) -> None:
+        """Exact mode: every decode stays inside the batch sizes measured bit-identical to one-token
+        decodes on this device (exactness.py): trees, and prompt micro-batches too when the region
+        is wide enough to prefill in (so a reused prefix equals a cold start). "auto" is exact mode
+        where the device has an exact region of 2 rows or more, and otherwise (GPUs, F16/F32
+        weights) Medusa with trees of any size (see ``guarantee``). Sets ``exact_setting``,
+        ``exact``, ``exact_batch`` (0: not measured; 1: no exact region here) and cuts the tree."""
+        if exact not in (True, False, "auto"):
+            raise ValueError(f"exact must be True, False or 'auto', got {exact!r}")
+        self.exact_setting = exact
+        self.exact = exact is not False
+        self.exact_batch = 0
+        if not self.exact:
+            return
+        try:  # the probe makes the first contexts: bad settings (a KV type, ...) fail here
+            with _progress("measuring which batches this device computes exactly as one-token decodes"):
+                self.exact_batch, _ = exactness.exact_batch(self.model, self.model_path, n_threads=n_threads, flash_attn=fa,
+                                                            f32_kv=f32_kv, n_gpu_layers=self.n_gpu_layers, type_k=tk,
+                                                            type_v=tv)
+        except (RuntimeError, ValueError) as e:
+            raise ModelLoadError(str(e)) from None
+        if self.exact_batch >= 2:
+            self.tree = self.tree.prefix(self.exact_batch)
+        elif exact == "auto":
+            self.exact = False  # no exact region: verified rows are the guarantee
+
+    def _say_guarantee(self) -> None:
+        """On stderr, when a tree may run but no batch is exact here, what the output promises."""
+        medusa_on = self.auto or self.tree.n_nodes > 1
+        if self.exact_setting is False or self.exact_batch >= 2 or not medusa_on:
+            return
+        if not self.exact:
+            then = ("so Medusa verifies its trees with the guarantee of other speculative decoders: every token is the "
+                    "base model's argmax (or seeded draw) at its verified row, and the text may differ from plain "
+                    "decoding at near-ties (`medusa-edge verify --no-exact` measures how often; exact=True "
+                    "(--exact strict) keeps the text bit-identical by decoding plainly).")
+        elif self.auto:
+            then = ("so exact mode decodes plainly, without a tree; exact='auto' (the default) lets Medusa run, with "
+                    "output that may differ from plain decoding at near-ties.")
+        else:
+            then = "so Medusa's output may differ from plain decoding at near-ties; `medusa-edge verify` measures how often."
+        print(f"medusa-edge: on this device no batch of {self.model.description()} computes its rows bit for bit as "
+              "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), " + then,
+              file=sys.stderr)
 
     def _single_threads_long(self) -> int:
         """Threads exact mode gives a one-token decode past the split among tree steps on a CPU."""
@@ -376,7 +396,7 @@ class Engine:
         # measured t(2) beats the one-thread t(1) (tune.plain_step_s), or, unmeasured, on 2+ threads.
         # Measured on the 2-core test machine (bench/plain_vs_llama.py): slower for SmolLM2 Q4_1,
         # whose 2-row products cost 1.8 one-row ones, so unmeasured (fixed trees) it stays off.
-        costs = getattr(self, "costs", None)
+        costs = self.costs
         self.pad_long = self.n_threads_long < self.n_threads and self.exact_batch >= 2 and (
             costs is not None and costs.t_single_long > 0 and costs.decode(2) < costs.t_single_long)
 
@@ -402,52 +422,38 @@ class Engine:
         trees = (self.auto and self.max_auto_nodes >= 2) or self.tree.n_nodes > 1 or self.tree_long.n_nodes > 1
         return "bitwise" if not trees or (self.exact and self.exact_batch >= 2) else "verified"
 
+    # tree="auto"'s state lives on ``autotree``; these read and write it there
+    costs = delegate("costs", "tune.Costs measured for tree=\"auto\" (None: not tuned).")
+    plan = delegate("plan", "tune.Plan of the auto tree now in use (None: not tuned).")
+    plan_long = delegate("plan_long", "tune.Plan past the split: the same tree as ``plan``.")
+    live = delegate("live", "tune.LiveAcceptance refining the plan (None once trees are fixed).")
+    live_costs = delegate("live_costs", "tune.LiveCosts refining the plan (None once trees are fixed).")
+    max_auto_nodes = delegate("max_nodes", "Most nodes, root included, an auto tree may have here.")
+    max_auto_leaves = delegate("max_leaves", "Most leaves (KV sequences) an auto tree may have here.")
+
     def _tune(self, device_key: str) -> None:
         """tree="auto": this device's step costs (measured once, cached per device, model, heads
         and settings), the heads' accuracies (from the heads file, else the Vicuna-7B prior), and
         the tree with the most expected tokens per second; none when plain decoding is faster."""
-        key = tune.cache_key(device_key, self.heads_path, self.max_auto_nodes, self.ctx.n_ctx)
-        n_heads = self.heads.n_heads
-        acc = self.heads_info.get("rank_accuracy") or tune.VICUNA_7B_PROFILE
-        prior = np.zeros((n_heads, tune.MAX_RANK))
-        for i in range(min(n_heads, len(acc))):
-            row = list(acc[i])[: tune.MAX_RANK]
-            prior[i, : len(row)] = row
-
-        def measure():
-            shape_of = tune.planned_shapes(native, prior, n_heads, self.max_auto_leaves)
-            gain = tune.tree_gain(prior, n_heads, self.max_auto_leaves)
-            return tune.measure_costs(self.ctx, native, self.model, self.heads, max_batch=self.max_auto_nodes,
-                                      n_threads=self.n_threads, n_threads_long=self._single_threads_long(),
-                                      shape_of=shape_of, gain=gain)
-
+        at = self.autotree
+        key = tune.cache_key(device_key, self.heads_path, at.max_nodes, self.ctx.n_ctx)
+        prior = AutoTree.prior(self.heads_info.get("rank_accuracy"), self.heads.n_heads)
         with _progress("measuring what a verification step costs here, for tree=\"auto\""):
-            self.costs, _ = tune.cached_costs(key, measure)
-
+            costs, _ = tune.cached_costs(key, lambda: at.measure(self.ctx, native, self.model, self.heads, prior,
+                                                                 n_threads=self.n_threads,
+                                                                 n_threads_long=self._single_threads_long()))
         self._n_threads_single = self.ctx.n_threads
-        self.live = tune.LiveAcceptance(prior)
-        self.live_costs = tune.LiveCosts()
+        at.start(costs, prior)
         self._replan()
 
-    #: Steps of live acceptance between two plans of the auto tree.
-    REPLAN_EVERY = 64
-
     def _replan(self) -> None:
-        """The auto tree from the live accuracies and live step costs, against plain decoding at
-        llama.cpp's speed; the same tree before and past the split (``tree_long``), whose threads
-        follow it (``_set_long_threads``)."""
-        self.plan = tune.plan(self.live.estimate(), self.costs, self.max_auto_nodes, max_depth=self.heads.n_heads,
-                              max_leaves=self.max_auto_leaves, tree_cost_factor=self.live_costs.factor())
-        if max(self.costs.spread, default=0.0) > tune.NOISY_SPREAD:
-            # costs too noisy to trust (a busy machine; not cached) plan no tree: plain decoding is
-            # llama.cpp's speed, a tree planned from noise can be far slower (seen: 31 nodes)
-            self.plan = tune.Plan([], 1.0, 1.0, self.plan.table)
-        self.plan_long = self.plan
-        if tuple(tuple(x) for x in self.plan.paths) != self.tree.paths:
-            self.tree = self.tree_long = Tree.from_paths(self.plan.paths)
+        """The auto tree planned again (AutoTree.replan), before and past the split alike; the
+        threads of one-token decodes follow it (``_set_long_threads``)."""
+        paths = self.autotree.replan(self.heads.n_heads)
+        if tuple(tuple(x) for x in paths) != self.tree.paths:
+            self.tree = self.tree_long = Tree.from_paths(paths)
             self._shapes.clear()
         self._set_long_threads(self.tree.n_nodes > 1)
-        self._planned_at = self.live.steps
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_heads_match(self, path: str, info: dict) -> None:
@@ -481,7 +487,8 @@ class Engine:
                     n_batch=self.ctx.n_batch)
             out.append(t)
         self.tree, self.tree_long = out
-        self.auto, self.live, self.live_costs = False, None, None
+        self.auto = False
+        self.autotree.stop()
         self._shapes.clear()
         self._set_long_threads(self.tree.n_nodes > 1 or self.tree_long.n_nodes > 1)
 
@@ -636,7 +643,8 @@ class Engine:
             root = self._pick(sampler, params, 0)
             if logits_out is not None:
                 logits_out.append(self.ctx.logits(0))
-            generated = [root]
+            run = _Run(sampler, params, proposer, stats, logits_out, [root])
+            generated = run.generated
             n_past, row = n_prompt, (0 if hidden else None)
             stats.n_generated = 1
             yield [root]
@@ -648,73 +656,74 @@ class Engine:
                 # the tree must fit both the tokens still wanted and the free KV cells; past the
                 # split one-token decodes are slower, and a tree may pay where it did not before
                 long = n_past + 1 > exactness.SPLIT_FREE_CELLS
-                depth = 0 if row is None else tree_depth(long)
-                # tree="auto": one step in PROBE_EVERY is plain, so tree steps are timed against
-                # plain ones in the same work (tune.LiveCosts)
-                timed = self.live_costs is not None and depth > 0
-                if timed and self.live_costs.probe_now():
-                    depth = 0
+                depth = self.autotree.choose_depth(0 if row is None else tree_depth(long))
                 # near the end of the answer a CPU verifies only the depth still wanted (its cost
                 # grows with the nodes); a GPU keeps the tree's shape, so llama.cpp reuses the
                 # step's graph (and CUDA its captured graph) instead of rebuilding both
                 want = depth if self._on_gpu else min(remaining - 1, depth)
                 tree, shape = self._shape(long, want, self.n_ctx - n_past)
-                # propose: the heads' top-k at the position that produced the root
-                th = time.perf_counter()
-                proposals = self._propose(tree, row, generated, proposer)
-                stats.t_heads += time.perf_counter() - th
-                # build tree, verify (one forward)
-                if tree.n_nodes > 1:
-                    tokens = tree.candidate_tokens(root, proposals)
-                elif long and self.pad_long and self.n_ctx - n_past >= 2:  # a plain step as a batched row
-                    tokens, shape = np.array([root, root], np.int32), self._chain_shape(2)
-                    stats.padded += 1
-                else:
-                    tokens = np.array([root], np.int32)
-                td = time.perf_counter()
-                self._threads_for(n_past + len(tokens))
-                self.ctx.decode_tree(shape, tokens, n_past)
-                # llama_decode may return before a GPU is done; wait, so the time is the forward's
-                self.ctx.synchronize()
-                stats.t_decode += time.perf_counter() - td
-                # accept
-                path, root = self._accept(tree, tokens, sampler, params)
-                if logits_out is not None:  # node path[j] chose the j-th new token
-                    logits_out.extend(self.ctx.logits(r) for r in path)
-                # commit
-                row = self._commit(shape, tokens, path, n_past, stats)
-                self._kv_tokens.extend(int(tokens[i]) for i in path)
+                ts = time.perf_counter()
+                committed, root, row, path = self.step(run, tree, shape, root, row, n_past)
+                self.autotree.observe(tree, path, time.perf_counter() - ts, long)
+                self._kv_tokens.extend(committed)
                 self._kv_epoch = self.ctx.epoch
-                n_past += len(path)
-                new = [int(t) for t in tokens[path[1:]]] + [int(root)]
+                n_past += len(committed)
                 stats.steps += 1
                 stats.accepted_hist[len(path) - 1] += 1
-                if self.live is not None and tree.n_nodes > 1:
-                    self.live.update(tree, path)
-                if timed:
-                    step_s, plain_s = time.perf_counter() - th, tune.plain_step_s(self.costs, long)
-                    if tree.n_nodes > 1:
-                        self.live_costs.update_tree(step_s, tune.tree_step_s(self.costs, tree.n_nodes, tree.max_depth), plain_s)
-                    else:
-                        self.live_costs.update_plain(step_s, plain_s)
                 for d in range(len(path) - 1):
                     stats.head_accepts[d] += 1
-                stop = next((i for i, t in enumerate(new) if self.model.is_eog(t)), None)
-                if stop is not None:
-                    new = new[: stop + 1]
-                new = new[:remaining]
+                # an end-of-generation token can only be the new root (tree.accept stops there)
+                new = (committed[1:] + [root])[:remaining]
                 generated.extend(new)
                 stats.n_generated = len(generated)
                 stats.t_total = time.perf_counter() - t0
                 yield new
                 self._check_owner(token)
-                if stop is not None or len(generated) >= budget:
+                if self.model.is_eog(root) or len(generated) >= budget:
                     return
         finally:
             stats.t_total = time.perf_counter() - t0
-            if self.live is not None and self.live.steps - self._planned_at >= self.REPLAN_EVERY:
+            if self.autotree.replan_due():
                 self._replan()  # between generations: the next one uses the refined tree
             self._release(token)
+
+    def step(self, run: "_Run", tree: Tree, shape, root: int, row: Optional[int], n_past: int):
+        """One Medusa step from the state the module docstring describes (``n_past`` tokens cached,
+        ``root`` chosen but not cached, output ``row`` the one that chose it; None: no hidden state,
+        so ``tree`` must be root-only), verifying ``tree`` (native ``shape``). Returns the committed
+        tokens (the root and the accepted candidates, now in the KV cache), the next root, the row
+        that chose it, and the accepted node path."""
+        stats = run.stats
+        # propose: the heads' top-k at the position that produced the root
+        t = time.perf_counter()
+        proposals = self._propose(tree, row, run.generated, run.proposer)
+        stats.t_heads += time.perf_counter() - t
+        # build tree: the root, then each node's token of its rank in its head's proposals
+        tokens, shape = self._candidates(tree, shape, root, proposals, n_past, stats)
+        # verify: one forward of every node, each attending to the cache and its ancestors
+        t = time.perf_counter()
+        self._threads_for(n_past + len(tokens))
+        self.ctx.decode_tree(shape, tokens, n_past)
+        self.ctx.synchronize()  # llama_decode may return before a GPU is done: time the forward
+        stats.t_decode += time.perf_counter() - t
+        # accept: the longest path of tokens plain decoding would choose, and the token after it
+        path, root = self._accept(tree, tokens, run.sampler, run.params)
+        if run.logits_out is not None:  # node path[j] chose the j-th new token
+            run.logits_out.extend(self.ctx.logits(r) for r in path)
+        # commit: keep the path's K/V; the row of its last node feeds the next step's heads
+        row = self._commit(shape, tokens, path, n_past, stats)
+        return [int(tokens[i]) for i in path], int(root), row, path
+
+    def _candidates(self, tree: Tree, shape, root: int, proposals: np.ndarray, n_past: int, stats: Stats):
+        """The tokens and native shape a step verifies: the tree's candidates below ``root``; a
+        plain step past the split, with ``pad_long``, the root and a scratch row after it (a 2-node
+        chain whose second cell ``_commit`` drops), so row 0 is a batched row on all threads."""
+        if tree.n_nodes > 1:
+            return tree.candidate_tokens(root, proposals), shape
+        if self.pad_long and n_past + 1 > exactness.SPLIT_FREE_CELLS and self.n_ctx - n_past >= 2:
+            stats.padded += 1
+            return np.array([root, root], np.int32), self._chain_shape(2)
+        return np.array([root], np.int32), shape
 
     def _commit(self, shape, tokens: np.ndarray, path: list[int], n_past: int, stats: Stats) -> int:
         """Keep the accepted path in the KV cache; return the output row that holds its last node.
@@ -785,11 +794,18 @@ class Engine:
         native.Sampler(self.model.n_vocab, 0, 0.0, 40, 1.0, 0.0, 1.0, 64, model=self.model, grammar=grammar,
                        grammar_root=root)
 
+    def _target(self, sampler, p: SamplingParams):
+        """target_at(row) -> the token plain decoding chooses at output row ``row``: the row's
+        argmax (greedy without penalties, grammar or bias; and typical acceptance, whose tokens
+        past the root are judged by ``accept_typical``), else the sampler's draw, which records
+        it: call it only along the accepted path, in order (``tree.accept`` does)."""
+        if p.plain_argmax or p.acceptance == "typical":
+            return self.ctx.argmax_row
+        return lambda row: int(sampler.sample(self.ctx, row))
+
     def _pick(self, sampler, p: SamplingParams, row: int) -> int:
         """The token the base model chooses at output row ``row`` (the sampler draws and records it)."""
-        if p.plain_argmax or p.acceptance == "typical":
-            return int(self.ctx.argmax(row + 1)[row])
-        return int(sampler.sample(self.ctx, row))
+        return int(self._target(sampler, p)(row))
 
     def _propose(self, tree: Tree, row: int, generated: list, proposer: Optional[Proposer]) -> np.ndarray:
         if tree.n_nodes == 1:
@@ -805,7 +821,12 @@ class Engine:
         return ids
 
     def _accept(self, tree: Tree, tokens: np.ndarray, sampler, p: SamplingParams) -> tuple[list[int], int]:
-        """Accepted node path (root first) and the next root token."""
+        """Accepted node path (root first) and the next root token: ``tree.accept``'s walk with
+        plain decoding's choice at each node as the target (``_target``), which reads only the
+        rows on the path. Typical acceptance with a temperature chooses its path by its own rule
+        (the longest, then likeliest, of the candidates above its threshold: a search over the
+        whole tree, which a walk that stops at the first mismatch would not reproduce), then stops
+        it before any end-of-generation token as the walk does."""
         if p.acceptance == "typical" and p.temperature != 0:
             inv_t = 1.0 / abs(p.temperature)
 
@@ -815,26 +836,8 @@ class Engine:
                 return z / z.sum()
 
             path = accept_typical(tree, tokens, probs_at, p.posterior_threshold, p.posterior_alpha)
-            return path, int(self.ctx.argmax(path[-1] + 1)[path[-1]])
-        if p.plain_argmax or p.acceptance == "typical":
-            if tree.n_nodes == 1:  # a plain step
-                return [0], self.ctx.argmax_row(0)
-            # lazily: only the rows on the accepted path are scanned (at most depth + 1 of n_nodes)
-            seen: dict[int, int] = {}
-
-            def argmax_at(node: int) -> int:
-                if node not in seen:
-                    seen[node] = self.ctx.argmax_row(node)
-                return seen[node]
-
-            path = accept_greedy(tree, tokens, argmax_at)
-            return path, argmax_at(path[-1])
-        # Exact sampling: draw at a node; descend while a child carries the drawn token.
-        path, node = [0], 0
-        while True:
-            x = int(sampler.sample(self.ctx, node))
-            child = next((c for c in tree.children[node] if tokens[c] == x), None)
-            if child is None:
-                return path, x
-            path.append(child)
-            node = child
+            end = next((j for j in range(1, len(path)) if self.model.is_eog(int(tokens[path[j]]))), None)
+            if end is not None:
+                return path[:end], int(tokens[path[end]])
+            return path, self.ctx.argmax_row(path[-1])
+        return accept(tree, tokens, self._target(sampler, p), self.model.is_eog)

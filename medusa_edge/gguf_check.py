@@ -229,7 +229,7 @@ def _check_tree(meta: GgufMeta, text: str, n_heads: int, n_draft: int = MAX_TREE
 
 #: ggml types with a CPU dot product: what a weight matrix may be (the CPU backend crashes or aborts in
 #: mul_mat/get_rows on the others: integer types, f64, the activation-only q8_1 and q8_K). Same list as
-#: matrix_type_ok in native/medusa_native.cpp.
+#: matrix_type_ok in native/heads.cpp.
 MATRIX_TYPES = frozenset(
     "f32 f16 bf16 q1_0 q2_0 q4_0 q4_1 q5_0 q5_1 q8_0 mxfp4 nvfp4 q2_K q3_K q4_K q5_K q6_K iq2_xxs iq2_xs iq2_s "
     "iq3_xxs iq3_s iq1_s iq1_m iq4_nl iq4_xs tq1_0 tq2_0".split()

@@ -229,23 +229,28 @@ class Tree:
 # -- acceptance: pure functions over one verified tree --------------------------------------------
 
 
-def accept_greedy(tree: Tree, tokens: np.ndarray, argmax) -> list[int]:
-    """The longest root path whose every node equals the base model's argmax at its parent.
+def accept(tree: Tree, tokens: np.ndarray, target_at, is_eog=None) -> tuple[list[int], int]:
+    """The accepted node path (root first) and the token after it: from the root, take the target
+    at the node, descend to the child that carries it, and stop at the first node with none.
 
-    tokens[n]: the tree's tokens; argmax: the base model's argmax at each node, an array or a
-    function of the node (called once for each node on the accepted path and no other, so the
-    rows off the path are never read). Returns the accepted node indices, root first. Ties
-    between siblings cannot arise (siblings with the same token share the same prefix; the first
-    in node order wins).
+    tokens[n]: the tree's tokens; target_at(node): the token the base model chooses at that node's
+    row (its argmax, a seeded draw, ...). It is called exactly once for each node on the accepted
+    path, in path order, and for no other node: rows off the path are never read, and a sampler
+    that records its draws (penalties, grammar) sees the tokens plain decoding would have chosen,
+    in order. The last call's target is returned as the next token. ``is_eog(token)``: a target
+    that ends generation ends the walk there, as the next token, even where a child carries it
+    (llama.cpp's rule: no draft token is accepted after an end-of-generation token). Siblings that
+    carry the same token: the first in node order wins.
     """
-    at = argmax if callable(argmax) else argmax.__getitem__
     path = [0]
     node = 0
     while True:
-        want = at(node)
+        want = target_at(node)
+        if is_eog is not None and is_eog(want):
+            return path, want
         nxt = next((c for c in tree.children[node] if tokens[c] == want), None)
         if nxt is None:
-            return path
+            return path, want
         path.append(nxt)
         node = nxt
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medusa_edge.tree import PRESETS, Tree, TreeError, accept_greedy, accept_typical, chain, typical_threshold
+from medusa_edge.tree import PRESETS, Tree, TreeError, accept, accept_typical, chain, typical_threshold
 
 SMALL = [[0], [0, 0], [0, 1], [0, 2], [1], [1, 0], [1, 1], [1, 2]]  # the reference notebook's example
 
@@ -85,29 +85,45 @@ def test_check_limits():
     t.check(n_heads=5, n_seq_max=64, n_batch=64)
 
 
-def test_accept_greedy_by_hand():
+def test_accept_by_hand():
     t = Tree.from_paths(SMALL)
     toks = np.array([5, 7, 1, 2, 3, 8, 1, 2, 3])
     # argmax at the root is 8 -> node 5 (path (1,), token 8); argmax at node 5 is 3 -> node 8 (token 3)
     argmax = np.zeros(9, int)
     argmax[0], argmax[5], argmax[8] = 8, 3, 4
-    assert accept_greedy(t, toks, argmax) == [0, 5, 8]
+    assert accept(t, toks, argmax.__getitem__) == ([0, 5, 8], 4)
     argmax[0] = 6  # no child carries 6
-    assert accept_greedy(t, toks, argmax) == [0]
+    assert accept(t, toks, argmax.__getitem__) == ([0], 6)
 
 
-def test_accept_greedy_lazy_reads_only_the_path():
-    """With a function for the argmax, acceptance asks for the rows on the accepted path and no
-    other, and finds the same path as with every row read, on random trees and tokens."""
+def test_accept_stops_at_end_of_generation():
+    """An end-of-generation target is the next token even where a child carries it: no draft token
+    is accepted after it, and its node's row is never read."""
+    t = Tree.from_paths(SMALL)
+    toks = np.array([5, 7, 1, 2, 3, 8, 1, 2, 3])
+    argmax = np.zeros(9, int)
+    argmax[0], argmax[5], argmax[8] = 8, 3, 4
+    asked = []
+    at = lambda n: asked.append(n) or argmax[n]  # noqa: E731
+    assert accept(t, toks, at, is_eog=lambda x: x == 3) == ([0, 5], 3)
+    assert asked == [0, 5]
+    assert accept(t, toks, argmax.__getitem__, is_eog=lambda x: x == 8) == ([0], 8)
+    assert accept(t, toks, argmax.__getitem__, is_eog=lambda x: x == 99) == ([0, 5, 8], 4)
+
+
+def test_accept_lazy_reads_only_the_path():
+    """Acceptance asks for the target at the rows on the accepted path and no other, once each,
+    in path order, and finds the path every row's argmax gives, on random trees and tokens."""
     rng = np.random.default_rng(0)
     tree = Tree.from_paths(PRESETS["mc_sim_7b_63"])
     for _ in range(200):
         toks = rng.integers(0, 4, tree.n_nodes)
         full = rng.integers(0, 4, tree.n_nodes)
         asked = []
-        path = accept_greedy(tree, toks, lambda n: asked.append(n) or full[n])
-        assert path == accept_greedy(tree, toks, full)
-        assert asked == path
+        path, nxt = accept(tree, toks, lambda n: asked.append(n) or full[n])
+        assert asked == path and nxt == full[path[-1]]
+        assert all(toks[c] == full[p] for p, c in zip(path, path[1:]))
+        assert not any(toks[c] == full[path[-1]] for c in tree.children[path[-1]])
 
 
 def test_accept_typical_by_hand():
