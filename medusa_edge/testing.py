@@ -226,3 +226,34 @@ def heads_reference(h: np.ndarray, res, out, top_k: int, root_embd: np.ndarray |
     logits = np.stack(logits)
     ids = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
     return ids, logits
+
+
+def quantized_test_model(directory: str, quant: str = "Q8_0") -> str:
+    """The tests' random-weight Llama (128 wide, 2 layers), quantized by llama.cpp's own quantizer
+    (so the engine measures a bit-exact region), with random f32 heads beside it; its path."""
+    from pathlib import Path
+
+    from convert.base import quantize_gguf
+
+    d = Path(directory)
+    src = write_llama_gguf(str(d / "base-f32.gguf"), n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256, seed=3)
+    p = d / f"base-{quant}.gguf"
+    quantize_gguf(Path(src.path), p, quant)
+    write_random_heads(str(d / f"base-{quant}.medusa.gguf"), src, n_heads=4, seed=5, head_type="f32")
+    return str(p)
+
+
+def truth_proposer(truth, rng, p_right: float = 0.9, max_rank: int = 2):
+    """A proposer for tests: head d's guess at a rank drawn from 0..max_rank is the true future
+    token with probability p_right; other ranks hold wrong tokens. Trees then accept, and accepted
+    nodes sit off the tree's first chain."""
+
+    def propose(generated, n_heads, k):
+        out = (np.arange(n_heads * k).reshape(n_heads, k) * 7 + len(generated) * 13) % 500 + 3
+        for d in range(n_heads):
+            i = len(generated) + d
+            if i < len(truth) and rng.random() < p_right:
+                out[d, int(rng.integers(0, min(k, max_rank + 1)))] = truth[i]
+        return out.astype(np.int32)
+
+    return propose

@@ -3,17 +3,15 @@ llama-cpp-python's with the same grammar, and this engine's own plain decoding w
 tree is in use; seeded sampling likewise; JSON schemas through the server and the openai client."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
-from convert.base import quantize_gguf
 from medusa_edge import Engine, Medusa, SamplingParams, Stats
 from medusa_edge.demo import demo_model_path
 from medusa_edge.exactness import first_divergence, llama_cpp_baseline
-from medusa_edge.testing import _WORDS, write_llama_gguf, write_random_heads
+from medusa_edge.testing import _WORDS, quantized_test_model, truth_proposer
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -25,13 +23,7 @@ GRAMMARS = [JSON_GBNF, json_schema_to_gbnf(json.dumps(PERSON)), WORDS_GBNF]
 
 @pytest.fixture(scope="module")
 def quant_model(tmp_path_factory):
-    """A random-weight Llama quantized by llama.cpp (its bit-exact region is measured), random heads."""
-    d = tmp_path_factory.mktemp("grammar")
-    src = write_llama_gguf(str(d / "base-f32.gguf"), n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256, seed=3)
-    p = d / "base-Q8_0.gguf"
-    quantize_gguf(Path(src.path), p, "Q8_0")
-    write_random_heads(str(d / "base-Q8_0.medusa.gguf"), src, n_heads=4, seed=5, head_type="f32")
-    return str(p)
+    return quantized_test_model(str(tmp_path_factory.mktemp("grammar")))
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +48,6 @@ def parse(Person, text):
     """Validate against the schema. strict=False: llama-cpp-python's schema converter (llama.cpp's
     json_schema_to_grammar.py of its version) lets strings hold raw control characters."""
     return Person.model_validate(json.loads(text, strict=False))
-
-
-def truth_proposer(truth, rng, p_right=0.9):
-    """Head d guesses the true future token (at rank 0-2) with probability p_right: trees accept."""
-
-    def propose(generated, n_heads, k):
-        out = (np.arange(n_heads * k).reshape(n_heads, k) * 7 + len(generated) * 13) % 500 + 3
-        for d in range(n_heads):
-            i = len(generated) + d
-            if i < len(truth) and rng.random() < p_right:
-                out[d, int(rng.integers(0, min(k, 3)))] = truth[i]
-        return out.astype(np.int32)
-
-    return propose
 
 
 def run(engine, ids, params, n, **kw):

@@ -2,41 +2,19 @@
 bias (on a quantized model in its bit-exact region, with a proposer that makes the tree accept),
 and seeded draws equal the engine's own plain decoding with it; bad biases are ValueErrors."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from convert.base import quantize_gguf
 from medusa_edge import Engine, Medusa, SamplingParams, Stats
 from medusa_edge.engine import MAX_LOGIT_BIAS, normalize_logit_bias
 from medusa_edge.exactness import first_divergence, llama_cpp_baseline
-from medusa_edge.testing import _WORDS, write_llama_gguf, write_random_heads
+from medusa_edge.testing import _WORDS, quantized_test_model, truth_proposer
 
 
 @pytest.fixture(scope="module")
 def quant_model(tmp_path_factory):
-    """A random-weight Llama quantized by llama.cpp (its bit-exact region is measured), random heads."""
-    d = tmp_path_factory.mktemp("bias")
-    src = write_llama_gguf(str(d / "base-f32.gguf"), n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256, seed=3)
-    p = d / "base-Q8_0.gguf"
-    quantize_gguf(Path(src.path), p, "Q8_0")
-    write_random_heads(str(d / "base-Q8_0.medusa.gguf"), src, n_heads=4, seed=5, head_type="f32")
-    return str(p)
-
-
-def truth_proposer(truth, rng, p_right=0.9):
-    """Head d guesses the true future token (at rank 0-2) with probability p_right: trees accept."""
-
-    def propose(generated, n_heads, k):
-        out = (np.arange(n_heads * k).reshape(n_heads, k) * 7 + len(generated) * 13) % 500 + 3
-        for d in range(n_heads):
-            i = len(generated) + d
-            if i < len(truth) and rng.random() < p_right:
-                out[d, int(rng.integers(0, min(k, 3)))] = truth[i]
-        return out.astype(np.int32)
-
-    return propose
+    return quantized_test_model(str(tmp_path_factory.mktemp("bias")))
 
 
 def run(engine, ids, params, n, **kw):
