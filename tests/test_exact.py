@@ -11,7 +11,7 @@ from convert.base import quantize_gguf
 from medusa_edge import Engine, SamplingParams, Stats
 from medusa_edge.demo import demo_model_path
 from medusa_edge.exactness import first_divergence, llama_cpp_baseline, probe
-from medusa_edge.testing import _WORDS, write_llama_gguf, write_random_heads
+from medusa_edge.testing import _WORDS, truth_proposer, write_llama_gguf, write_random_heads
 
 N_PROMPTS, N_TOKENS = 20, 128
 GREEDY = SamplingParams(temperature=0.0)
@@ -56,21 +56,6 @@ def llama_cpp_greedy(base, model, ids, n):
         if len(out) == n or model.is_eog(t):
             break
     return out
-
-
-def truth_proposer(truth, rng, p_right, max_rank):
-    """Head d's rank-r guess (r drawn from 0..max_rank) is the true future token with probability
-    p_right; other ranks hold wrong tokens. Accepted nodes then sit off the tree's first chain."""
-
-    def propose(generated, n_heads, k):
-        out = (np.arange(n_heads * k).reshape(n_heads, k) * 7 + len(generated) * 13) % 500 + 3
-        for d in range(n_heads):
-            i = len(generated) + d
-            if i < len(truth) and rng.random() < p_right:
-                out[d, int(rng.integers(0, min(k, max_rank + 1)))] = truth[i]
-        return out.astype(np.int32)
-
-    return propose
 
 
 @pytest.mark.parametrize("quant", ["Q4_0", "Q8_0"])
