@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
     import llama_cpp as L
 
-    from medusa_edge.hwguard import use_extra_bufts
+    from medusa_edge.guards.hw import use_extra_bufts
 
     L.llama_backend_init()
     mp = L.llama_model_default_params()

@@ -49,7 +49,7 @@ else:
     save_file(dict(sd), d + "/medusa_lm_head.safetensors")
 """
 
-BASELINE = "import numpy, gguf, torch, tqdm, llama_cpp, medusa_edge._loader, medusa_edge.heads_gguf, convert.cli, convert.heads, convert.base"
+BASELINE = "import numpy, gguf, torch, tqdm, llama_cpp, medusa_edge._loader, medusa_edge.heads.writer, convert.cli, convert.heads, convert.base"
 
 
 def run_measured(cmd: list[str], env) -> tuple[int, float, int]:

@@ -16,9 +16,9 @@ import os
 import sys
 from dataclasses import asdict
 
-from medusa_edge import tune
+from medusa_edge.core import tune
 from medusa_edge._loader import native
-from medusa_edge.engine import Engine
+from medusa_edge.core.engine import Engine
 
 
 def main(argv=None) -> int:

@@ -2,9 +2,9 @@
 and the heads pass time, full vocabulary against N = 8192.  python bench/draft_vocab.py WORKDIR"""
 import argparse, json, os, sys, time
 import numpy as np
-from medusa_edge import train_heads as th
-from medusa_edge.demo import default_model
-from medusa_edge.heads_gguf import draft_vocab_from_counts, restrict_heads_file
+from medusa_edge.training import train as th
+from medusa_edge.default_model import default_model
+from medusa_edge.heads.writer import draft_vocab_from_counts, restrict_heads_file
 from medusa_edge._loader import native
 
 W = sys.argv[1] if len(sys.argv) > 1 else "/tmp/dv"  # holds prompts.jsonl (prompt_gen -n 240 --seed 0)

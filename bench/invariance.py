@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convert.base import quantize_gguf  # noqa: E402
 from medusa_edge._loader import native  # noqa: E402
-from medusa_edge.hwguard import load_model  # noqa: E402
+from medusa_edge.guards.hw import load_model  # noqa: E402
 from medusa_edge.testing import write_llama_gguf  # noqa: E402
 
 SIZES = [2, 3, 4, 5, 8, 16, 24, 32, 48, 63, 64]

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from medusa_edge import Engine, SamplingParams, Stats
-from medusa_edge.exactness import llama_cpp_baseline
+from medusa_edge.core.exactness import llama_cpp_baseline
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from medusa_edge._loader import native
-from medusa_edge.hwguard import load_model
+from medusa_edge.guards.hw import load_model
 
 
 def median_us(fn, n: int) -> float:

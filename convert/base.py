@@ -11,9 +11,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from medusa_edge import schema
-from medusa_edge.hwguard import load_model
-from medusa_edge.heads_gguf import StreamTensor, write_gguf_streaming
+from medusa_edge.heads import schema
+from medusa_edge.guards.hw import load_model
+from medusa_edge.heads.writer import StreamTensor, write_gguf_streaming
 
 from .checkpoint import Checkpoint, ConvertError, load_json, model_weight_files
 

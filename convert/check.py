@@ -53,7 +53,7 @@ def head_agreement(engine, prompt_tokens: list[int], n_tokens: int) -> tuple[np.
 
 
 def run_check(base: Path, heads: Path, prompt: Optional[str] = None, n_tokens: int = 48, n_threads: Optional[int] = None) -> int:
-    from medusa_edge.engine import Engine
+    from medusa_edge.core.engine import Engine
     from medusa_edge.errors import MedusaError
 
     try:

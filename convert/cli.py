@@ -122,9 +122,9 @@ def _progress_factory():
 
 
 def _run(args) -> int:
-    from medusa_edge import schema
-    from medusa_edge.heads_gguf import HeadsMeta, write_heads_gguf_streaming
-    from medusa_edge.tree import PRESETS, Tree, TreeError
+    from medusa_edge.heads import schema
+    from medusa_edge.heads.writer import HeadsMeta, write_heads_gguf_streaming
+    from medusa_edge.core.tree import PRESETS, Tree, TreeError
 
     from . import base as basemod
     from .heads import open_heads, warn

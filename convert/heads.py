@@ -26,14 +26,14 @@ from typing import Optional
 
 import numpy as np
 
-from medusa_edge import schema
-from medusa_edge.heads_gguf import StreamTensor, heads_tensor_type
+from medusa_edge.heads import schema
+from medusa_edge.heads.writer import StreamTensor, heads_tensor_type
 
 from .checkpoint import Checkpoint, ConvertError, index_names, load_json, model_weight_files
 
 MEDUSA2_PREFIX = "medusa_head."
 HEADS_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt", "medusa_lm_head.bin")
-#: the section of config.json that ``medusa-edge export`` writes (see medusa_edge/export.py)
+#: the section of config.json that ``medusa-edge export`` writes (see medusa_edge/heads/export.py)
 EXPORT_META_KEY = "medusa_edge"
 
 _VLLM_BLOCK = re.compile(r"^(?:medusa_heads\.)?blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)$")
@@ -71,7 +71,7 @@ class HeadsSource:
         """True when every head's W_out equals the output matrix of ``base_gguf`` (as llama.cpp
         reads it, stored in the checkpoint's dtype): the heads then convert to shared-output heads,
         which reuse that matrix instead of carrying copies. Reads the matrices a block at a time."""
-        from medusa_edge.export import ExportError, open_base_matrix, stored_as_float32
+        from medusa_edge.heads.export import ExportError, open_base_matrix, stored_as_float32
 
         if self.shared_output or self.n_vocab is None:
             return False

@@ -1,9 +1,9 @@
 """medusa-edge: lossless Medusa decoding on llama.cpp."""
 
-from .api import Medusa, TextStream
-from .engine import Engine, SamplingParams, Stats
-from .errors import ClosedError, ContextOverflowError, HeadsError, MedusaError, ModelLoadError
-from .tree import PRESETS, Tree, TreeError
+from medusa_edge.api import Medusa, TextStream
+from medusa_edge.core.engine import Engine, SamplingParams, Stats
+from medusa_edge.errors import ClosedError, ContextOverflowError, HeadsError, MedusaError, ModelLoadError
+from medusa_edge.core.tree import PRESETS, Tree, TreeError
 
 __all__ = [
     "Medusa", "TextStream", "Engine", "SamplingParams", "Stats", "Tree", "TreeError", "PRESETS",

@@ -19,11 +19,12 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from . import chat_template, schema
-from . import tools as _tools
-from . import grammar as _grammar
-from .engine import Engine, Proposer, SamplingParams, Stats, normalize_logit_bias
-from .errors import ClosedError
+from medusa_edge import chat_template
+from medusa_edge.heads import schema
+from medusa_edge import tools as _tools
+from medusa_edge import grammar as _grammar
+from medusa_edge.core.engine import Engine, Proposer, SamplingParams, Stats, normalize_logit_bias
+from medusa_edge.errors import ClosedError
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED
 
@@ -156,7 +157,7 @@ class Medusa:
         # None: the GGUF's template (or Vicuna if it has none); else a named format's render function
         self.chat_template = None if chat_format is None else chat_template.FORMATS[chat_format]
         if model_path is None:  # the default model and its shipped heads (demo.py)
-            from .demo import default_model
+            from medusa_edge.default_model import default_model
 
             model_path, default_heads = default_model()
             heads_path = heads_path or default_heads
@@ -254,7 +255,7 @@ class Medusa:
         return self._get_embedder().pooling_type
 
     def _get_embedder(self):
-        from ._loader import native
+        from medusa_edge._loader import native
 
         model = self.engine.model  # ClosedError once closed
         if self._embedder is None:

@@ -15,7 +15,7 @@ import json
 from datetime import datetime
 from typing import Optional, Sequence
 
-from .errors import ChatTemplateError
+from medusa_edge.errors import ChatTemplateError
 
 #: Templates longer than this are refused (the largest in common GGUFs are about 10 KB).
 MAX_TEMPLATE_CHARS = 256 * 1024

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import schema
-from .heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
+from medusa_edge.heads import schema
+from medusa_edge.heads.writer import HeadsMeta, heads_tensors, write_heads_gguf
 
 _WORDS = (
     "the of and to in is that it was for on are as with his they at be this from have or by one had not but what all "

@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
-from . import grammar as _grammar
+from medusa_edge import grammar as _grammar
 
 #: Most tools one request may offer (OpenAI's limit).
 MAX_TOOLS = 128

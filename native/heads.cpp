@@ -2,7 +2,7 @@
 
 // Matrix types the heads graph may multiply: those the CPU backend (also the fallback) has a dot
 // product for. Not Q8_1/Q8_K (activation-only types without one), not the integer types or F64: the
-// CPU backend would crash on them. (medusa_edge/gguf_check.py MATRIX_TYPES is the same list.)
+// CPU backend would crash on them. (medusa_edge/guards/gguf_file.py MATRIX_TYPES is the same list.)
 static bool matrix_type_ok(ggml_type t) {
     switch (t) {
         case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
@@ -98,7 +98,7 @@ void Heads::parse(const std::string &model_path) {
                 std::to_string(gguf_get_n_tensors(hf.g)));
 
     // Tensor `name` of `src`, required to be [ne0, ne1] of an allowed type (matrices: matrix_type_ok,
-    // biases: F32, as medusa_edge/heads_gguf.py writes them).
+    // biases: F32, as medusa_edge/heads/writer.py writes them).
     auto take = [&](const GgufFile &src, const std::string &name, int64_t ne0, int64_t ne1, bool matrix) -> int {
         const auto [m, offset] = src.tensor(name);
         if (m->ne[0] != ne0 || m->ne[1] != ne1 || m->ne[2] != 1 || m->ne[3] != 1)

@@ -16,7 +16,7 @@ struct Heads {
     // Bounds on the metadata: far above any real head set, and they keep all size arithmetic in
     // int64 (n_heads * (2 * n_layers + 1) tensors; an [n_embd, n_vocab] matrix must also fit the file).
     static constexpr int64_t kMaxHeads = 256, kMaxLayers = 256, kMaxDim = (int64_t(1) << 24) - 1;
-    static constexpr int64_t kSchemaVersion = 3;  // medusa_edge/schema.py SCHEMA_VERSION
+    static constexpr int64_t kSchemaVersion = 3;  // medusa_edge/heads/schema.py SCHEMA_VERSION
 
     std::string path;
     int32_t n_heads = 0, n_layers = 0, n_embd = 0, n_vocab = 0;

@@ -9,7 +9,7 @@ struct Model {
     std::string path;
 
     // use_extra_bufts = false keeps llama.cpp off its extra weight buffer types (CPU repacking,
-    // AMX): the Python side turns it off where those crash (medusa_edge/hwguard.py).
+    // AMX): the Python side turns it off where those crash (medusa_edge/guards/hw.py).
     Model(const std::string &path_, int n_gpu_layers, bool vocab_only, bool use_extra_bufts);
     ~Model();
     Model(const Model &) = delete;
@@ -22,5 +22,5 @@ struct Model {
 };
 
 // FNV-1a 64 over every token text followed by a NUL byte: the base fingerprint that the heads
-// GGUF records (medusa_edge/schema.py computes the same from tokenizer.ggml.tokens).
+// GGUF records (medusa_edge/heads/schema.py computes the same from tokenizer.ggml.tokens).
 uint64_t fnv1a_tokens(const llama_vocab *vocab);

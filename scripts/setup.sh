@@ -5,7 +5,7 @@
 # GPU: CMAKE_ARGS="-DGGML_CUDA=on" scripts/setup.sh   (or -DGGML_METAL=on on macOS, the default there)
 #
 # llama.cpp is built as llama-cpp-python builds it (native CPU flags, AMX included where the CPU has
-# it). The AMX crash of this llama.cpp version is avoided at load time instead (medusa_edge/hwguard.py):
+# it). The AMX crash of this llama.cpp version is avoided at load time instead (medusa_edge/guards/hw.py):
 # a build flag would not reach a llama-cpp-python the user built or cached already, and would cost
 # the repacking speed-up on CPUs without AMX if the cached wheel moved machines.
 set -euo pipefail

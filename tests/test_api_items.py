@@ -4,6 +4,7 @@ each against llama-cpp-python 0.3.36 on the same GGUF (and the openai client for
 
 import inspect
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from llama_cpp import llama_chat_format
 from medusa_edge import ClosedError, Medusa
 from medusa_edge.api import chat_prompt_tokens
 from medusa_edge.chat_template import FORMATS, VICUNA_SYSTEM
-from medusa_edge.demo import demo_model_path
+from medusa_edge.default_model import demo_model_path
 from medusa_edge.testing import write_llama_gguf
 
 Q = "USER: What colour is the sky?\nASSISTANT:"
@@ -149,11 +150,16 @@ def test_stopping_criteria_equals_llama_cpp():
 
 def test_cancel_non_streaming_chat_from_another_thread():
     llm = Medusa(demo_model_path(), n_ctx=2048)
-    cancel = threading.Event()
-    threading.Timer(0.3, cancel.set).start()
+    cancel, started = threading.Event(), threading.Event()
+
+    def criteria(ids, logits):
+        started.set()  # a token was decoded: the other thread may cancel now
+        return cancel.is_set()
+
+    # the canceller waits for the first token, so the test holds on a loaded machine as on an idle one
+    threading.Thread(target=lambda: started.wait(60) and (time.sleep(0.2), cancel.set()), daemon=True).start()
     r = llm.create_chat_completion([{"role": "user", "content": "Tell me a story about a fox."}], max_tokens=1500,
-                                   temperature=100, top_k=0, top_p=1, min_p=0, seed=0,
-                                   stopping_criteria=lambda ids, logits: cancel.is_set())
+                                   temperature=100, top_k=0, top_p=1, min_p=0, seed=0, stopping_criteria=criteria)
     assert r["choices"][0]["finish_reason"] == "stop" and 0 < r["usage"]["completion_tokens"] < 1500
     # the instance goes on: the next call answers in full
     assert "blue" in llm.create_chat_completion([{"role": "user", "content": "What colour is the sky?"}],

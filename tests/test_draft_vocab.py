@@ -10,11 +10,13 @@ import json
 import numpy as np
 import pytest
 
-from medusa_edge import Engine, schema
+from medusa_edge import Engine
+from medusa_edge.heads import schema
 from medusa_edge._loader import native
-from medusa_edge.engine import HeadsError, SamplingParams
-from medusa_edge.gguf_check import heads_info, read_gguf
-from medusa_edge.heads_gguf import (HeadsMeta, check_draft_vocab, draft_vocab_from_counts, heads_tensors,
+from medusa_edge.core.engine import HeadsError, SamplingParams
+from medusa_edge.guards.gguf_file import read_gguf
+from medusa_edge.heads.check import heads_info
+from medusa_edge.heads.writer import (HeadsMeta, check_draft_vocab, draft_vocab_from_counts, heads_tensors,
                                     restrict_heads_file, write_heads_gguf)
 from medusa_edge.testing import random_heads, write_llama_gguf, write_random_heads
 
@@ -193,7 +195,7 @@ def test_greedy_with_draft_heads_equals_plain_decoding(tmp_path, shared):
 # -- the trainer ---------------------------------------------------------------------------------
 
 def _train_args(base, data, out, *extra):
-    from medusa_edge import train_heads as th
+    from medusa_edge.training import train as th
 
     return th.parse_args([base, "--data", data, "-o", out, "--heads", "3", "--gen-tokens", "48", "--batch", "256",
                           "--lr", "1e-3", "--threads", "1", "--device", "cpu", "--quiet", "--measure", "0",
@@ -218,7 +220,7 @@ def loopy(tmp_path_factory):
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
 def test_trainer_learns_heads_over_the_most_frequent_tokens(loopy, shared):
-    from medusa_edge import train_heads as th
+    from medusa_edge.training import train as th
 
     base = loopy["base"]
     out = str(loopy["dir"] / f"dv-{shared}.medusa.gguf")
@@ -238,7 +240,7 @@ def test_trainer_learns_heads_over_the_most_frequent_tokens(loopy, shared):
 
 
 def test_draft_targets_and_coverage_by_hand():
-    from medusa_edge import train_heads as th
+    from medusa_edge.training import train as th
 
     tokens = np.array([5, 5, 5, 7, 7, 9, 3, 5, 7, 1], np.int32)
     train_mask = np.array([True] * 6 + [False] * 4)
@@ -259,7 +261,7 @@ def test_draft_targets_and_coverage_by_hand():
 def test_restrict_command_keeps_heads_and_reuses_the_cache(loopy, capsys):
     """`train_heads restrict`: frequencies from the base's answers (the training cache, reused), the
     file restricted without retraining, and its top-k is the original's restricted."""
-    from medusa_edge import train_heads as th
+    from medusa_edge.training import train as th
 
     base = loopy["base"]
     full = str(loopy["dir"] / "full.medusa.gguf")
@@ -285,7 +287,7 @@ def test_restrict_command_keeps_heads_and_reuses_the_cache(loopy, capsys):
 
 
 def test_export_refuses_draft_heads(base, tmp_path):
-    from medusa_edge.export import ExportError, read_heads
+    from medusa_edge.heads.export import ExportError, read_heads
 
     full = str(tmp_path / "full.medusa.gguf")
     write_random_heads(full, base, n_heads=2, seed=4)

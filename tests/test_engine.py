@@ -5,7 +5,7 @@ import pytest
 
 from medusa_edge import Engine, Medusa, SamplingParams, Stats, Tree
 from medusa_edge.testing import _WORDS
-from medusa_edge.exactness import llama_cpp_baseline
+from medusa_edge.core.exactness import llama_cpp_baseline
 
 GREEDY = SamplingParams(temperature=0.0)
 # The f32 random-weight models check the algorithm to f32 rounding, with a near-tie allowance:

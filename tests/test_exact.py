@@ -9,8 +9,8 @@ import pytest
 
 from convert.base import quantize_gguf
 from medusa_edge import Engine, SamplingParams, Stats
-from medusa_edge.demo import demo_model_path
-from medusa_edge.exactness import first_divergence, llama_cpp_baseline, probe
+from medusa_edge.default_model import demo_model_path
+from medusa_edge.core.exactness import first_divergence, llama_cpp_baseline, probe
 from medusa_edge.testing import _WORDS, truth_proposer, write_llama_gguf, write_random_heads
 
 N_PROMPTS, N_TOKENS = 20, 128
@@ -150,8 +150,8 @@ def test_tree_rows_bit_identical_and_the_check_can_tell(quant_models):
 def test_probe_cache_and_f32(quant_models, models, tmp_path, monkeypatch):
     """The probe's answer is cached per model file and settings; f32 weights have no exact region
     on the CPU (their batched matmul rounds differently), which the engine says once at load."""
-    from medusa_edge import exactness
-    from medusa_edge.hwguard import load_model
+    from medusa_edge.core import exactness
+    from medusa_edge.guards.hw import load_model
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     m = load_model(quant_models["Q4_0"])
@@ -170,8 +170,8 @@ def test_long_context_identical_and_single_thread_split_matters(quant_models, mo
     with a tree runs one-token decodes on one thread. A 300-token prompt plus 128 tokens stays
     identical to the same engine's plain decoding, and the probe sees the difference when
     one-token decodes get two threads (the check can tell)."""
-    from medusa_edge import exactness
-    from medusa_edge.hwguard import load_model
+    from medusa_edge.core import exactness
+    from medusa_edge.guards.hw import load_model
 
     path = quant_models["Q8_0"]
     med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=1024, n_threads=2)
@@ -193,8 +193,8 @@ def test_split_boundary_all_threads_up_to_256_cells(quant_models):
     of a batch bit for bit while the KV cache holds at most 256 cells; at 257 cells it differs
     (ggml-cpu's split-KV attention), and a one-thread decode there still equals the row."""
     from medusa_edge._loader import native
-    from medusa_edge.exactness import SPLIT_FREE_CELLS, single_threads
-    from medusa_edge.hwguard import load_model
+    from medusa_edge.core.exactness import SPLIT_FREE_CELLS, single_threads
+    from medusa_edge.guards.hw import load_model
 
     assert single_threads(2, SPLIT_FREE_CELLS) == 2 and single_threads(2, SPLIT_FREE_CELLS + 1) == 1
     m = load_model(quant_models["Q8_0"])

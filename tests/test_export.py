@@ -21,13 +21,13 @@ from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from convert.cli import main as convert_main  # noqa: E402
-from medusa_edge import schema  # noqa: E402
+from medusa_edge.heads import schema  # noqa: E402
 from medusa_edge._loader import native  # noqa: E402
 from medusa_edge.cli import main as cli_main  # noqa: E402
 from medusa_edge.errors import MedusaError  # noqa: E402
-from medusa_edge.export import (BaseRequiredError, RootInputHeadsError, export,  # noqa: E402
+from medusa_edge.heads.export import (BaseRequiredError, RootInputHeadsError, export,  # noqa: E402
                                 stored_as_float32)
-from medusa_edge.heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf  # noqa: E402
+from medusa_edge.heads.writer import HeadsMeta, heads_tensors, write_heads_gguf  # noqa: E402
 from medusa_edge.testing import random_heads, write_llama_gguf, write_random_heads  # noqa: E402
 
 TREE = [[0], [1], [0, 0], [0, 1], [2], [0, 0, 0]]  # not in sorted order: the round trip keeps it as written
@@ -298,11 +298,11 @@ def test_root_input_heads_are_refused(tmp_path, bases, capsys):
     rc = cli_main(["export", str(src), str(tmp_path / "out2"), "--base", base.path])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "root input" in err and "python -m medusa_edge.train_heads" in err and "--no-root-input" in err
+    assert "root input" in err and "python -m medusa_edge.training.train" in err and "--no-root-input" in err
 
 
 def test_no_root_input_is_a_real_trainer_option():
-    from medusa_edge.train_heads import parse_args
+    from medusa_edge.training.train import parse_args
 
     assert parse_args([__file__, "--data", "x.jsonl", "--no-root-input"]).root_input is False
     assert parse_args([__file__, "--data", "x.jsonl"]).root_input is True

@@ -11,7 +11,7 @@ Python checks, and must give ValueError naming the file or load.
 
 Model files: each mutant goes through ``Engine`` and a short greedy decode; any Python exception is
 fine (llama.cpp refusing the file, or a damaged vocabulary refusing the prompt). Crashes are failures
-for the classes of damage that medusa_edge guards (GUARDED_MODEL_CLASSES: gguf_check.check_model_file
+for the classes of damage that medusa_edge guards (GUARDED_MODEL_CLASSES: gguf_file.check_model_file
 stands in for llama.cpp's aborts there); crashes in the other classes are llama.cpp's own, printed.
 
 Each file is loaded in a worker subprocess, a batch per worker, one result line per file; when a
@@ -546,7 +546,7 @@ def test_fuzz_heads_files(tmp_path):
 
 
 #: Damage classes with zero crashes required: llama.cpp errors out on them by itself, or
-#: gguf_check.check_model_file refuses what it would abort on (block_count, expert counts, rope,
+#: gguf_file.check_model_file refuses what it would abort on (block_count, expert counts, rope,
 #: head_count_kv, tokenizer model, duplicate tokens, tensor types and alignment: see there).
 #: Not listed: "charsmap" (a Unigram vocabulary's precompiled charsmap, parsed by llama.cpp's
 #: tokenizer; no crash seen, not guarded): a crash there is printed, not failed.
@@ -584,7 +584,7 @@ def _worker(mode: str, args: list) -> None:
         pass
     from medusa_edge import Engine, HeadsError, ModelLoadError, SamplingParams
     from medusa_edge._loader import native
-    from medusa_edge.tree import TreeError
+    from medusa_edge.core.tree import TreeError
 
     greedy = SamplingParams(temperature=0.0)
 

@@ -9,8 +9,8 @@ import pytest
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 from medusa_edge import Engine, Medusa, SamplingParams, Stats
-from medusa_edge.demo import demo_model_path
-from medusa_edge.exactness import first_divergence, llama_cpp_baseline
+from medusa_edge.default_model import demo_model_path
+from medusa_edge.core.exactness import first_divergence, llama_cpp_baseline
 from medusa_edge.testing import _WORDS, quantized_test_model, truth_proposer
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},

@@ -8,11 +8,12 @@ import threading
 
 import pytest
 
-from medusa_edge import Medusa, hwguard
-from medusa_edge.demo import demo_model_path
+from medusa_edge import Medusa
+from medusa_edge.guards import hw as hwguard
+from medusa_edge.default_model import demo_model_path
 from medusa_edge.errors import BusyError, ChatTemplateError
-from medusa_edge.exactness import llama_cpp_baseline
-from medusa_edge.hwguard import llama_cpp_llama
+from medusa_edge.core.exactness import llama_cpp_baseline
+from medusa_edge.guards.hw import llama_cpp_llama
 from medusa_edge.testing import write_llama_gguf
 
 HAS_AMX = hwguard.cpu_has_amx() and hwguard.ggml_has_amx()
@@ -22,8 +23,8 @@ HAS_AMX = hwguard.cpu_has_amx() and hwguard.ggml_has_amx()
 _DECODE = """
 import sys
 from medusa_edge import Medusa
-from medusa_edge.demo import demo_model_path
-from medusa_edge.exactness import llama_cpp_baseline
+from medusa_edge.default_model import demo_model_path
+from medusa_edge.core.exactness import llama_cpp_baseline
 m = Medusa(demo_model_path(), n_ctx=256, verbose=False)
 prompt = 'USER: What colour is the sky?\\nASSISTANT:'
 a = m.create_completion(prompt, max_tokens=12, temperature=0)['choices'][0]['text']

@@ -88,8 +88,8 @@ def test_shared_output_single_product_equals_per_head_products(models, tmp_path)
     identical, bit for bit."""
     import gguf
 
-    from medusa_edge.heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
-    from medusa_edge.schema import vocab_hash
+    from medusa_edge.heads.writer import HeadsMeta, heads_tensors, write_heads_gguf
+    from medusa_edge.heads.schema import vocab_hash
 
     base = models["f32"]
     shared = write_random_heads(str(tmp_path / "shared.medusa.gguf"), base, n_heads=3, seed=4, shared_output=True)
@@ -175,8 +175,8 @@ def test_one_pass_equals_heads_one_at_a_time(models, tmp_path, shared_output, he
     """All heads in one pass (one batched product: the shared matrix times every head's vector, or
     the stacked own matrices; one top-k; one read-back) give the ids and log-probs that each head
     computed alone gives (a one-head file per head), bit for bit."""
-    from medusa_edge.heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
-    from medusa_edge.schema import vocab_hash
+    from medusa_edge.heads.writer import HeadsMeta, heads_tensors, write_heads_gguf
+    from medusa_edge.heads.schema import vocab_hash
     from medusa_edge.testing import random_heads
 
     base = write_llama_gguf(str(tmp_path / "b.gguf"), n_embd=128, seed=4)  # 128: q8_0 rows need a multiple of 32

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from medusa_edge import Engine, Medusa, SamplingParams, Stats
-from medusa_edge.engine import MAX_LOGIT_BIAS, normalize_logit_bias
-from medusa_edge.exactness import first_divergence, llama_cpp_baseline
+from medusa_edge.core.engine import MAX_LOGIT_BIAS, normalize_logit_bias
+from medusa_edge.core.exactness import first_divergence, llama_cpp_baseline
 from medusa_edge.testing import _WORDS, quantized_test_model, truth_proposer
 
 
@@ -121,7 +121,7 @@ def test_server_logit_bias_openai_client(tmp_path):
     pytest.importorskip("openai")
     from test_server import ServerProcess
 
-    from medusa_edge.demo import demo_model_path
+    from medusa_edge.default_model import demo_model_path
 
     llm = Medusa(demo_model_path(), n_ctx=1024, tree="heads")
     msgs = [{"role": "user", "content": "What colour is the sky?"}]

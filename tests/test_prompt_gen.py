@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from medusa_edge import prompt_gen as pg
+from medusa_edge.training import prompts as pg
 
 
 def test_deterministic_and_every_list_a_prefix_of_a_longer_one():

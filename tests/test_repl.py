@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from medusa_edge.demo import demo_model_path
+from medusa_edge.default_model import demo_model_path
 
 pexpect = pytest.importorskip("pexpect")
 pytest.importorskip("prompt_toolkit")
 
 TIMEOUT = 120  # generous: the demo model answers in well under a second, but the machine may be busy
-CMD = [sys.executable, "-m", "medusa_edge.chat", demo_model_path()]  # the fast demo model, not the default
+CMD = [sys.executable, "-m", "medusa_edge.cli.chat", demo_model_path()]  # the fast demo model, not the default
 # near-uniform sampling over the demo's 1024 tokens: with seed 0 the reply runs ~800 tokens
 LONG = ["temperature 100", "top_k 0", "top_p 1", "min_p 0", "seed 0"]
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from medusa_edge import cli
-from medusa_edge.demo import demo_model_path
+from medusa_edge.default_model import demo_model_path
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")

@@ -1,4 +1,4 @@
-"""Medusa-1 heads training (python -m medusa_edge.train_heads) on tiny GGUF bases.
+"""Medusa-1 heads training (python -m medusa_edge.training.train) on tiny GGUF bases.
 
 The base is a random-weight Llama whose blocks add little to the residual stream
 (``residual_scale=0.1``): its greedy text falls into loops, so what it writes 2-4 tokens ahead
@@ -16,9 +16,9 @@ import pytest
 
 from medusa_edge.api import chat_prompt_tokens
 
-from medusa_edge.engine import Engine, SamplingParams, Stats
+from medusa_edge.core.engine import Engine, SamplingParams, Stats
 from medusa_edge.testing import _WORDS, write_llama_gguf
-from medusa_edge import train_heads as th
+from medusa_edge.training import train as th
 
 N_HEADS = 3
 GEN = 48
@@ -130,7 +130,7 @@ def test_trained_heads_raise_tokens_per_step(trained):
 
 
 def test_heads_file_metadata(trained):
-    from medusa_edge.engine import read_heads_info
+    from medusa_edge.core.engine import read_heads_info
 
     info = read_heads_info(trained["out"])
     eng = Engine(trained["base"].path, tree="chain:0", n_ctx=64, n_threads=1)
@@ -207,7 +207,7 @@ def test_interrupted_run_resumes_exactly(trained, tmp_path, monkeypatch):
 def test_checkpoint_removed_and_accuracies_stored(trained, tmp_path):
     """By default the checkpoint is deleted once the heads are written (the summary says how big it
     was); the held-out per-rank accuracies are stored in the heads file for the tree tuner."""
-    from medusa_edge.engine import read_heads_info
+    from medusa_edge.core.engine import read_heads_info
 
     out = str(tmp_path / "clean.medusa.gguf")
     cache = str(trained["out"])[:-5] + ".data"
@@ -244,7 +244,7 @@ def test_batched_generation_matches_one_at_a_time(trained):
 
 def test_shared_output_heads_load(trained, tmp_path):
     """--shared-output: ResBlocks only, W_out reused from the base; the engine runs them."""
-    from medusa_edge.engine import read_heads_info
+    from medusa_edge.core.engine import read_heads_info
 
     out = str(tmp_path / "shared.medusa.gguf")
     cache = str(trained["out"])[:-5] + ".data"
@@ -372,7 +372,7 @@ def test_cache_extended_by_a_longer_prompt_list(trained, tmp_path):
 
 def test_root_input_off_writes_reference_heads(trained, tmp_path):
     """--no-root-input: the reference's heads (schema 1, square first ResBlock)."""
-    from medusa_edge.engine import read_heads_info
+    from medusa_edge.core.engine import read_heads_info
 
     out = str(tmp_path / "ref.medusa.gguf")
     th.train(_args(trained["base"].path, trained["data"], out, "--steps", "5", "--no-root-input",

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medusa_edge.tree import PRESETS, Tree, TreeError, accept, accept_typical, chain, typical_threshold
+from medusa_edge.core.tree import PRESETS, Tree, TreeError, accept, accept_typical, chain, typical_threshold
 
 SMALL = [[0], [0, 0], [0, 1], [0, 2], [1], [1, 0], [1, 1], [1, 2]]  # the reference notebook's example
 

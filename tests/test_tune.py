@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from medusa_edge import tune
-from medusa_edge.engine import Engine, SamplingParams, Stats
-from medusa_edge.tree import Tree
+from medusa_edge.core import tune
+from medusa_edge.core.engine import Engine, SamplingParams, Stats
+from medusa_edge.core.tree import Tree
 
 T1 = 0.010  # seconds of a one-token forward in the synthetic cost models
 # the tiny random models have no exact batch region; their rows are compared as test_engine.py does

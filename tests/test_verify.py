@@ -2,8 +2,8 @@
 
 import json
 
-from medusa_edge.demo import demo_model_path
-from medusa_edge import verify
+from medusa_edge.default_model import demo_model_path
+from medusa_edge.cli import verify
 
 
 def test_verify_reports_identical_answers(tmp_path, capsys):
@@ -20,7 +20,7 @@ def test_verify_reports_identical_answers(tmp_path, capsys):
 
 def test_verify_locates_a_divergence(monkeypatch, capsys):
     """An injected divergence (Medusa's answer altered at token 5) is found and located."""
-    from medusa_edge.engine import Engine
+    from medusa_edge.core.engine import Engine
 
     real = Engine.generate
 

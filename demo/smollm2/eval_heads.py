@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from medusa_edge import train_heads as th  # noqa: E402
-from medusa_edge.tree import Tree  # noqa: E402
+from medusa_edge.training import train as th  # noqa: E402
+from medusa_edge.core.tree import Tree  # noqa: E402
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "bench", "mt_bench_questions.jsonl")
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from medusa_edge._loader import native
-    from medusa_edge.engine import read_heads_info
+    from medusa_edge.core.engine import read_heads_info
 
     prompts = th.load_prompts(args.prompts)[: args.n]
     t0 = time.perf_counter()

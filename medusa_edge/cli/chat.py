@@ -78,7 +78,7 @@ class Chat:
     def reply(self, text: str) -> int:
         """Answer ``text``, streaming it. 0: answered; 1: failed (a one-line error; the turn is
         dropped, the typed text stays in the history); 130: interrupted by Ctrl-C."""
-        from .errors import ContextOverflowError, MedusaError
+        from medusa_edge.errors import ContextOverflowError, MedusaError
 
         self.messages.append({"role": "user", "content": text})
         self._fit_context()
@@ -128,7 +128,7 @@ class Chat:
         """Drop the oldest messages, a whole exchange at a time (the system message and the new
         message stay), until the prompt leaves a quarter of the context (or num_predict tokens, if
         fewer) for the reply. A new message too long on its own is left to fail as before."""
-        from .api import chat_prompt_tokens
+        from medusa_edge.api import chat_prompt_tokens
 
         n_ctx = self.llm.n_ctx()
         room = max(1, min(n_ctx // 4, self.params.get("max_tokens") or n_ctx))
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
         if args.prompt is not None:
             ap.error("give the prompt either after MODEL or with -p, not both")
         args.prompt = args.message
-    from . import Medusa, MedusaError, TreeError
+    from medusa_edge import Medusa, MedusaError, TreeError
 
     params = {k: v for k, v in [("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
                                 ("min_p", args.min_p), ("repeat_penalty", args.repeat_penalty),

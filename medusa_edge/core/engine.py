@@ -25,13 +25,15 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from . import exactness, gguf_check
-from ._loader import native
-from .hwguard import load_model
-from .errors import BusyError, ContextOverflowError, HeadsError, ModelLoadError
-from . import tune
-from .autotree import AutoTree, delegate
-from .tree import PRESETS, Tree, TreeError, accept, accept_typical
+from medusa_edge.core import exactness
+from medusa_edge.guards.gguf_file import read_gguf
+from medusa_edge.heads.check import heads_info
+from medusa_edge._loader import native
+from medusa_edge.guards.hw import load_model
+from medusa_edge.errors import BusyError, ContextOverflowError, HeadsError, ModelLoadError
+from medusa_edge.core import tune
+from medusa_edge.core.autotree import AutoTree, delegate
+from medusa_edge.core.tree import PRESETS, Tree, TreeError, accept, accept_typical
 
 #: proposer(generated, n_heads, top_k) -> [n_heads, top_k] token ids, rank-sorted. ``generated``
 #: holds the tokens emitted so far, the current root last. Replaces the heads (tests, other drafts).
@@ -189,12 +191,12 @@ class _Run:
 def read_heads_info(path: str) -> dict:
     """The heads GGUF's metadata (no tensor data), every value type- and range-checked: HeadsError
     naming the file and the fault for unreadable, damaged or inconsistent files. Read natively with
-    ggml's size-bounded gguf reader (gguf_check), never gguf-py, so a hostile header cannot make it
+    ggml's size-bounded gguf reader (guards.gguf_file), never gguf-py, so a hostile header cannot make it
     allocate or loop beyond the file's size."""
     if not os.path.isfile(path):
         raise HeadsError(f"heads file {path}: no such file")
     try:
-        return gguf_check.heads_info(gguf_check.read_gguf(path, "heads file"))
+        return heads_info(read_gguf(path, "heads file"))
     except ValueError as e:
         raise HeadsError(str(e)) from None
 
@@ -314,7 +316,7 @@ class Engine:
 
     @staticmethod
     def _load_model(model_path: str, n_gpu_layers: int):
-        """The model, after a vocabulary-only probe that pre-checks the file (gguf_check) and refuses
+        """The model, after a vocabulary-only probe that pre-checks the file (guards.gguf_file) and refuses
         recurrent and hybrid architectures; ModelLoadError naming the fault."""
         try:
             probe = load_model(model_path, vocab_only=True)

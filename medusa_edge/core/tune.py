@@ -382,7 +382,7 @@ def planned_shapes(native, rank_acc, max_depth: Optional[int] = None, max_leaves
     """``shape_of`` for ``measure_costs``: B -> the native shape of the B-node tree ``plan`` would
     pick among (a prefix of ``grow_tree``'s order for these accuracies), a chain where that order
     has fewer nodes."""
-    from .tree import Tree
+    from medusa_edge.core.tree import Tree
 
     order = grow_tree(rank_acc, max(BATCHES), max_depth, max_leaves=max_leaves)
 

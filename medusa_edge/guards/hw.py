@@ -97,11 +97,11 @@ def llama_cpp_llama(model_path: str, **kwargs):
 
 def load_model(model_path: str, n_gpu_layers: int = 0, vocab_only: bool = False, checked: bool = False):
     """A native ``Model``, the only way this package loads one: the file is first checked for the
-    damage llama.cpp aborts on (gguf_check.check_model_file raises ValueError; ``checked=True``
+    damage llama.cpp aborts on (gguf_file.check_model_file raises ValueError; ``checked=True``
     skips it for a file just checked), then loaded with the AMX guard applied."""
-    from . import gguf_check
-    from ._loader import native
+    from medusa_edge.guards import gguf_file
+    from medusa_edge._loader import native
 
     if not checked:
-        gguf_check.check_model_file(model_path)
+        gguf_file.check_model_file(model_path)
     return native.Model(model_path, n_gpu_layers, vocab_only, use_extra_bufts=use_extra_bufts())

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._loader import native
+from medusa_edge._loader import native
 
 CANDIDATES = (63, 48, 32, 24, 16, 8, 4, 2)
 PROBE_PROMPTS = (16, 300)  # prompt lengths the probe decodes after: short, and past 256 KV cells
@@ -52,7 +52,7 @@ def cache_key(model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool,
               type_k: int = -1, type_v: int = -1) -> str:
     import llama_cpp
 
-    from .hwguard import use_extra_bufts
+    from medusa_edge.guards.hw import use_extra_bufts
 
     parts = [
         "probe=3", _file_id(model_path), f"threads={n_threads}", f"fa={int(flash_attn)}", f"f32kv={int(f32_kv)}", f"ngl={n_gpu_layers}",
@@ -179,7 +179,7 @@ def llama_cpp_baseline(engine, **kwargs):
     decoding the engine promises to equal. Its one-token decodes run on ``n_threads_long`` threads:
     past 256 KV cells that is what the engine runs, and below it one thread and all give the same
     bits (``single_threads``). ``kwargs`` go to ``Llama`` (n_ctx, seed, ...)."""
-    from .hwguard import llama_cpp_llama
+    from medusa_edge.guards.hw import llama_cpp_llama
 
     kw = dict(flash_attn=engine.flash_attn, n_batch=engine.ctx.n_batch, n_ubatch=engine.ctx.n_ubatch,
               n_gpu_layers=engine.n_gpu_layers,

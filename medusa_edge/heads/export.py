@@ -56,8 +56,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import schema
-from .errors import MedusaError
+from medusa_edge.heads import schema
+from medusa_edge.errors import MedusaError
 
 LAYOUTS = ("faster-medusa", "vllm")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -154,7 +154,7 @@ def _field(r, key):
 
 
 def read_heads(path: str) -> HeadsFile:
-    """Open and validate a heads GGUF (the schema in ``medusa_edge.schema``)."""
+    """Open and validate a heads GGUF (the schema in ``medusa_edge.heads.schema``)."""
     r = _open_gguf(path, "heads file")
     if _field(r, "general.architecture") != schema.ARCH:
         raise ExportError(f"{path}: not a Medusa heads GGUF (general.architecture is "
@@ -382,7 +382,7 @@ def refuse_root_input(heads: HeadsFile) -> None:
         raise RootInputHeadsError(
             f"{heads.path}: these heads read the embedding of the base's own next token (root input), which "
             "vLLM, TGI and TensorRT-LLM do not implement, so they cannot be exported. Train standard heads with "
-            "`python -m medusa_edge.train_heads BASE.gguf --data PROMPTS.jsonl --no-root-input` and export those"
+            "`python -m medusa_edge.training.train BASE.gguf --data PROMPTS.jsonl --no-root-input` and export those"
         )
 
 
@@ -508,7 +508,7 @@ layouts (each in its own subdirectory of OUT_DIR):
 
 Shared-output heads (the trainer's default) need --base: the engines read the output matrix from the
 checkpoint, so it is written there (one copy per head for faster-medusa, one for vllm).
-Root-input heads cannot be exported: train with `python -m medusa_edge.train_heads ... --no-root-input`.
+Root-input heads cannot be exported: train with `python -m medusa_edge.training.train ... --no-root-input`.
 See docs/scaling.md.
 """
 

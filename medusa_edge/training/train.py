@@ -1,6 +1,6 @@
 """Train Medusa-1 heads for any GGUF base model, on the user's own machine.
 
-    python -m medusa_edge.train_heads BASE.gguf --data PROMPTS.jsonl -o BASE.medusa.gguf
+    python -m medusa_edge.training.train BASE.gguf --data PROMPTS.jsonl -o BASE.medusa.gguf
 
 Medusa-1 (Cai et al. 2024): the base stays frozen; only the heads learn. Self-distillation:
 the base itself, run through the engine (plain decoding, ``tree="chain:0"``), continues every
@@ -23,7 +23,7 @@ Stages, each cached or checkpointed so a rerun continues where it stopped:
    no pooling). The first sequence's first row is checked against the engine's own hidden
    state after its prefill.
 2. **Train** (torch, cpu/cuda/mps) on the cached hidden states only: no base forward.
-3. **Write** the heads GGUF with ``medusa_edge.heads_gguf``, with a default tree grown from
+3. **Write** the heads GGUF with ``medusa_edge.heads.writer``, with a default tree grown from
    the held-out per-rank accuracies (as the reference's ``gen_results.py``) to ``--tree-nodes``
    nodes, then (``--measure``) decode a few held-out prompts with the new heads and report
    the mean tokens per step.
@@ -72,7 +72,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import schema
+from medusa_edge.heads import schema
 
 DATA_FORMAT = "medusa-edge-heads-data"
 DATA_VERSION = 2
@@ -81,7 +81,7 @@ OUT_OF_DRAFT = -2  # a target outside the draft vocabulary: no loss, a miss in t
 
 EPILOG = """\
 example:
-  python -m medusa_edge.train_heads models/tiny.gguf --data prompts.jsonl \\
+  python -m medusa_edge.training.train models/tiny.gguf --data prompts.jsonl \\
       --heads 4 --gen-tokens 128 --steps 2000 -o models/tiny.medusa.gguf
   medusa-edge generate models/tiny.gguf --heads models/tiny.medusa.gguf -p "Hello"
 
@@ -146,7 +146,7 @@ class BaseModel:
     def __init__(self, path: str, n_ctx: int, n_threads: int, n_gpu_layers: int = 0, chat: str = "auto"):
         import llama_cpp  # before the engine's native extension (one copy of llama.cpp)
 
-        from .engine import Engine
+        from medusa_edge.core.engine import Engine
 
         self.path = path
         self.engine = Engine(path, tree="chain:0", n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
@@ -174,7 +174,7 @@ class BaseModel:
         """Token ids of a prompt exactly as the API builds them at inference (chat format if
         enabled: the GGUF's template, or the Vicuna format when it has none), keeping the last
         ``max_tokens``."""
-        from .api import chat_prompt_tokens, prompt_tokens
+        from medusa_edge.api import chat_prompt_tokens, prompt_tokens
 
         if self.template:
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
@@ -210,7 +210,7 @@ class BatchedGenerator:
                  n_batch: int = 512):
         import llama_cpp as lc
 
-        from .hwguard import llama_cpp_llama
+        from medusa_edge.guards.hw import llama_cpp_llama
 
         self._lc = lc
         # the Llama object owns the model (loaded with the AMX guard); its own context stays tiny
@@ -778,7 +778,7 @@ def _device(name: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m medusa_edge.train_heads",
+        prog="python -m medusa_edge.training.train",
         description="Train Medusa-1 heads for a GGUF base model (frozen base, self-distillation through "
         "llama.cpp, heads in torch) and write them as a heads GGUF the engine loads.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1051,7 +1051,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
     if args.tree == "auto":
         paths = grow_tree(final.rank_acc, args.tree_nodes)
     else:
-        from .tree import Tree
+        from medusa_edge.core.tree import Tree
 
         paths = [list(p) for p in Tree.resolve(args.tree).paths]
         if paths and max(len(p) for p in paths) > K:
@@ -1090,7 +1090,7 @@ def apply_draft_vocab(tokens: np.ndarray, train_mask: np.ndarray, targets: np.nd
     """The draft vocabulary (the ``n`` most frequent tokens of the training sequences, ids sorted),
     the targets as draft indices (OUT_OF_DRAFT outside it, -100 kept), and the share of held-out
     targets inside it."""
-    from .heads_gguf import draft_vocab_from_counts
+    from medusa_edge.heads.writer import draft_vocab_from_counts
 
     if not 1 <= n <= n_vocab:
         raise ValueError(f"--draft-vocab {n}: needs 1 to n_vocab = {n_vocab}")
@@ -1107,7 +1107,7 @@ def apply_draft_vocab(tokens: np.ndarray, train_mask: np.ndarray, targets: np.nd
 
 def write_model(model, path: str, base: BaseModel, n_layers: int, shared_output: bool, paths, head_type: str,
                 rank_acc=None, draft=None) -> None:
-    from .heads_gguf import HeadsMeta, heads_tensors, write_heads_gguf
+    from medusa_edge.heads.writer import HeadsMeta, heads_tensors, write_heads_gguf
 
     res = [[(blk.linear.weight.detach().float().cpu().numpy(), blk.linear.bias.detach().float().cpu().numpy()) for blk in r]
            for r in model.res]
@@ -1121,7 +1121,7 @@ def write_model(model, path: str, base: BaseModel, n_layers: int, shared_output:
 
 def measure_tokens_per_step(base: BaseModel, heads_path: str, prompts: list, args, n_threads: int) -> dict:
     """Greedy decoding of ``prompts`` with the new heads and their default tree: mean tokens per step."""
-    from .engine import Engine, SamplingParams, Stats
+    from medusa_edge.core.engine import Engine, SamplingParams, Stats
 
     eng = Engine(args.base, heads_path, n_ctx=base.n_ctx, n_threads=n_threads, n_gpu_layers=args.gpu_layers)
     tok = steps = 0
@@ -1164,7 +1164,7 @@ def format_summary(s: dict) -> str:
 
 def parse_restrict_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m medusa_edge.train_heads restrict",
+        prog="python -m medusa_edge.training.train restrict",
         description="Restrict an existing heads file to a draft vocabulary: the N most frequent tokens of the base's "
                     "answers to PROMPTS (generated as the trainer generates its data, and cached: the cache the heads "
                     "were trained from, with the same prompts and settings, is reused without generating). No "
@@ -1205,7 +1205,7 @@ def token_counts(args, log=print) -> np.ndarray:
 
 
 def restrict(args, log=print) -> dict:
-    from .heads_gguf import draft_vocab_from_counts, restrict_heads_file
+    from medusa_edge.heads.writer import draft_vocab_from_counts, restrict_heads_file
 
     counts = token_counts(args, log)
     draft = draft_vocab_from_counts(counts, args.draft_vocab)

@@ -52,8 +52,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import tune
-from .args import add_numerics_args, numerics_kwargs
+from medusa_edge.core import tune
+from medusa_edge.cli.args import add_numerics_args, numerics_kwargs
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "mt_bench_questions.jsonl")
 
@@ -77,7 +77,7 @@ class Method:
 
 
 def engine_method(name: str, engine, max_depth: Optional[int] = None, proposer=None, replayed: bool = False) -> Method:
-    from .engine import SamplingParams, Stats
+    from medusa_edge.core.engine import SamplingParams, Stats
 
     def run(ids: list, max_tokens: int) -> Run:
         st = Stats()
@@ -91,7 +91,7 @@ def engine_method(name: str, engine, max_depth: Optional[int] = None, proposer=N
 
 
 def llama_cpp_method(name: str, engine, n_ctx: int, draft=None, **kwargs) -> Method:
-    from .exactness import llama_cpp_baseline
+    from medusa_edge.core.exactness import llama_cpp_baseline
 
     # logits_all with a draft model: llama-cpp-python 0.3.36 sizes its score buffer from the logits_all
     # argument (n_batch rows) although a draft model turns logits_all on, so a prompt longer than
@@ -317,11 +317,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ._loader import native
-    from .api import Medusa, chat_prompt_tokens, prompt_tokens
-    from .engine import Engine
-    from .errors import MedusaError
-    from .train_heads import load_prompts
+    from medusa_edge._loader import native
+    from medusa_edge.api import Medusa, chat_prompt_tokens, prompt_tokens
+    from medusa_edge.core.engine import Engine
+    from medusa_edge.errors import MedusaError
+    from medusa_edge.training.train import load_prompts
 
     path = args.prompts or DEFAULT_PROMPTS
     try:

@@ -55,8 +55,8 @@ def top2_gap(engine, ids: list[int]) -> float:
 
 def compare(engine, prompts_ids: list[list[int]], params, max_tokens: int, progress=None) -> list[dict]:
     """Per prompt: plain and Medusa token ids, the first divergence and its top-2 gap."""
-    from .engine import Stats
-    from .exactness import first_divergence
+    from medusa_edge.core.engine import Stats
+    from medusa_edge.core.exactness import first_divergence
 
     rows = []
     for k, ids in enumerate(prompts_ids):
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the per-prompt results here")
     args = ap.parse_args(argv)
 
-    from . import Medusa, MedusaError, SamplingParams, TreeError
-    from .api import chat_prompt_tokens, prompt_tokens
+    from medusa_edge import Medusa, MedusaError, SamplingParams, TreeError
+    from medusa_edge.api import chat_prompt_tokens, prompt_tokens
 
     try:
         llm = Medusa(args.model, args.heads, tree=args.tree, n_ctx=args.ctx_size, n_threads=args.threads,

@@ -22,7 +22,7 @@ EPILOG = """examples:
 """
 
 
-from .args import KV_CACHE_TYPES, add_numerics_args, numerics_kwargs  # noqa: F401  (one table for every command)
+from medusa_edge.cli.args import KV_CACHE_TYPES, add_numerics_args, numerics_kwargs  # noqa: F401  (one table for every command)
 
 
 def _add_generate(sub):
@@ -57,14 +57,14 @@ def _add_generate(sub):
 
 
 def _generate(args) -> int:
-    from . import Medusa, MedusaError, TreeError
+    from medusa_edge import Medusa, MedusaError, TreeError
 
     try:
         llm = Medusa(
             args.model, args.heads, tree="chain:0" if args.no_medusa else args.tree, n_ctx=args.ctx_size,
             n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **numerics_kwargs(args),
         )
-        from .api import chat_prompt_tokens
+        from medusa_edge.api import chat_prompt_tokens
 
         # a chat turn is tokenized as create_chat_completion tokenizes it (the template owns BOS)
         prompt = (chat_prompt_tokens(llm.engine.model, [{"role": "user", "content": args.prompt}], llm.chat_template)
@@ -102,7 +102,7 @@ def _generate(args) -> int:
 
 
 def _trees(_args) -> int:
-    from .tree import PRESETS, Tree
+    from medusa_edge.core.tree import PRESETS, Tree
 
     for name in sorted(PRESETS):
         t = Tree.resolve(name)
@@ -155,14 +155,14 @@ def _add_serve(sub):
 
 
 def _serve(args) -> int:
-    from . import Medusa, MedusaError, TreeError
+    from medusa_edge import Medusa, MedusaError, TreeError
 
     try:
-        from .server import serve
+        from medusa_edge.server import serve
     except ImportError as e:
         print(f"medusa-edge: error: the server needs its extra ({e}): pip install 'medusa-edge[server]'", file=sys.stderr)
         return 1
-    from .server import Limits
+    from medusa_edge.server import Limits
 
     if args.queue < 0:
         print("medusa-edge: error: --queue must be >= 0", file=sys.stderr)
@@ -190,16 +190,16 @@ def _serve(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["verify"]:  # its own parser: medusa_edge/verify.py
-        from . import verify
+    if argv[:1] == ["verify"]:  # its own parser: medusa_edge/cli/verify.py
+        from medusa_edge.cli import verify
 
         return verify.main(argv[1:])
-    if argv[:1] == ["bench"]:  # its own parser: medusa_edge/bench.py
-        from . import bench
+    if argv[:1] == ["bench"]:  # its own parser: medusa_edge/cli/bench.py
+        from medusa_edge.cli import bench
 
         return bench.main(argv[1:])
-    if argv[:1] == ["tune"]:  # its own parser: medusa_edge/tune_cli.py
-        from . import tune_cli
+    if argv[:1] == ["tune"]:  # its own parser: medusa_edge/cli/tune.py
+        from medusa_edge.cli import tune as tune_cli
 
         return tune_cli.main(argv[1:])
     ap = argparse.ArgumentParser(prog="medusa-edge", description="Lossless Medusa decoding on llama.cpp.", epilog=EPILOG,
@@ -214,11 +214,9 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="Medusa against plain decoding, llama-cpp-python and prompt lookup, side by side",
                    add_help=False)
     _add_serve(sub)
-    from . import export  # its parser and runner: medusa_edge/export.py
+    from medusa_edge.heads import export  # its parser and runner: medusa_edge/heads/export.py
     export.add_arguments(sub.add_parser("export", help="write the heads in the layouts vLLM, TGI and TensorRT-LLM load"))
     args = ap.parse_args(argv)
     return {"generate": _generate, "trees": _trees, "serve": _serve, "export": export.run}[args.cmd](args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from . import schema
+from medusa_edge.heads import schema
 
 HEAD_TYPES = ("f32", "f16", "q8_0")
 
@@ -270,9 +270,10 @@ def restrict_heads_file(src: str, dst: str, draft_vocab) -> dict:
     tree is kept; its ranks must stay below the new size. Returns the new file's heads_info."""
     import gguf
 
-    from . import gguf_check
+    from medusa_edge.guards.gguf_file import read_gguf
+    from medusa_edge.heads.check import heads_info
 
-    info = gguf_check.heads_info(gguf_check.read_gguf(src, "heads file"))  # validated before gguf-py reads it
+    info = heads_info(read_gguf(src, "heads file"))  # validated before gguf-py reads it
     ids = check_draft_vocab(draft_vocab, info["n_vocab"])
     old = info["draft_vocab"]
     if old is None:
@@ -300,4 +301,4 @@ def restrict_heads_file(src: str, dst: str, draft_vocab) -> dict:
     if meta.tree and max(max(p) for p in meta.tree) >= len(ids):
         raise ValueError(f"the stored tree proposes rank {max(max(p) for p in meta.tree)}, beyond a draft vocabulary of {len(ids)}")
     write_heads_gguf(dst, meta, tensors(), head_type)
-    return gguf_check.heads_info(gguf_check.read_gguf(dst, "heads file"))
+    return heads_info(read_gguf(dst, "heads file"))

@@ -56,8 +56,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import grammar as _grammar
-from .errors import ContextOverflowError
+from medusa_edge import grammar as _grammar
+from medusa_edge.errors import ContextOverflowError
 
 log = logging.getLogger("medusa_edge.server")
 
@@ -494,7 +494,7 @@ def _grammar_of(body: dict, engine) -> Optional[str]:
 def _logit_bias_of(body: dict, n_vocab: int) -> Optional[dict]:
     """``logit_bias`` checked here (token ids in the vocabulary, finite numbers, a bounded count),
     so that a bad one is a 400 naming the field before anything is queued."""
-    from .engine import normalize_logit_bias
+    from medusa_edge.core.engine import normalize_logit_bias
 
     v = body.get("logit_bias")
     if v is None:
@@ -512,7 +512,7 @@ def _logit_bias_of(body: dict, n_vocab: int) -> Optional[dict]:
 def _tools_of(body: dict, messages) -> dict:
     """The function-calling keyword arguments, checked here so that a bad tool list or an
     assistant message with malformed tool_calls is a 400 naming its field before anything is queued."""
-    from . import tools as _tools
+    from medusa_edge import tools as _tools
 
     kw = {k: body[k] for k in _TOOLS if body.get(k) is not None}
     try:
@@ -759,7 +759,7 @@ class Server:
 
         def call(s):
             if limited:
-                from .api import chat_prompt_tokens
+                from medusa_edge.api import chat_prompt_tokens
 
                 self._check_prompt_tokens(len(chat_prompt_tokens(self.llm.engine.model, messages, self.llm.chat_template)),
                                           "messages")
@@ -791,7 +791,7 @@ class Server:
 
         def call(s):
             if limited:
-                from .api import prompt_tokens
+                from medusa_edge.api import prompt_tokens
 
                 self._check_prompt_tokens(len(prompt_tokens(self.llm.engine.model, prompt)), "prompt")
             return self.llm.create_completion(prompt, stream=s, model=self.model_id, **kw)

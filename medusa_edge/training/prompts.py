@@ -1,6 +1,6 @@
 """Assistant-style prompts for self-distillation: what people ask a chat model, generated.
 
-    python -m medusa_edge.prompt_gen -n 3000 --seed 0 -o prompts.jsonl [--heldout heldout.jsonl]
+    python -m medusa_edge.training.prompts -n 3000 --seed 0 -o prompts.jsonl [--heldout heldout.jsonl]
 
 Medusa heads learn what the base writes after the prompts they are trained on, so the prompts
 should look like the ones they will serve. This generator combines task templates (explain,
@@ -312,7 +312,7 @@ def generate(n: int, seed: int = 0, split: str = "train", heldout_frac: float = 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medusa_edge.prompt_gen", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m medusa_edge.training.prompts", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", type=int, default=3000, help="training prompts to write (default 3000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -15,9 +15,9 @@ import json
 import os
 import sys
 
-from . import tune
-from .args import add_numerics_args, numerics_kwargs
-from .exactness import SPLIT_FREE_CELLS
+from medusa_edge.core import tune
+from medusa_edge.cli.args import add_numerics_args, numerics_kwargs
+from medusa_edge.core.exactness import SPLIT_FREE_CELLS
 
 
 def main(argv=None) -> int:
@@ -33,8 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the costs and plan here")
     args = ap.parse_args(argv)
 
-    from .api import Medusa
-    from .errors import MedusaError
+    from medusa_edge.api import Medusa
+    from medusa_edge.errors import MedusaError
 
     if args.remeasure:
         os.environ["MEDUSA_EDGE_RETUNE"] = "1"

@@ -1,0 +1,1 @@
+"""Training heads for any GGUF: prompts (prompts) and the trainer (train)."""
