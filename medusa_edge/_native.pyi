@@ -167,8 +167,8 @@ class Embedder:
         """One float32 array per token sequence: [n_tokens, n_embd] without pooling, else [n_embd]; ValueError for too many."""
 
 class Heads:
-    def __init__(self, path: str, model_path: str, n_threads: int, use_gpu: bool = False) -> None:
-        """Medusa heads from heads file `path` (and model file `model_path` where they share its tensors); ValueError naming the file for anything invalid."""
+    def __init__(self, path: str, model_path: str, n_threads: int, use_gpu: bool = False, top_k: int = 0) -> None:
+        """Medusa heads from heads file `path` (and model file `model_path` where they share its tensors); ValueError naming the file for anything invalid. top_k > 0 builds that graph at load."""
     @property
     def n_heads(self) -> int:
         """Heads in the file."""

@@ -183,10 +183,12 @@ PYBIND11_MODULE(_native, m) {
              "[n_embd]; ValueError for too many sequences or tokens.");
 
     py::class_<Heads>(m, "Heads")
-        .def(py::init<const std::string &, const std::string &, int, bool>(), py::arg("path"), py::arg("model_path"),
-             py::arg("n_threads"), py::arg("use_gpu") = false,
+        .def(py::init<const std::string &, const std::string &, int, bool, int32_t>(), py::arg("path"),
+             py::arg("model_path"), py::arg("n_threads"), py::arg("use_gpu") = false, py::arg("top_k") = 0,
              "Medusa heads from heads file `path` (shared-output and root-input heads read model file `model_path` "
-             "too), on the first GPU with use_gpu, else the CPU; ValueError naming the file for anything invalid.")
+             "too), on the first GPU with use_gpu, else the CPU; ValueError naming the file for anything invalid. "
+             "top_k > 0 builds the graph for top_k candidates of every head at load (a backend fallback then "
+             "happens here, not at the first step).")
         .def_readonly("n_heads", &Heads::n_heads, "Heads in the file.")
         .def_readonly("n_layers", &Heads::n_layers, "ResBlocks per head.")
         .def_readonly("n_embd", &Heads::n_embd, "Width of the hidden state the heads read.")

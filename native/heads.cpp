@@ -18,10 +18,11 @@ static bool matrix_type_ok(ggml_type t) {
     }
 }
 
-Heads::Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu) : path(path_) {
+Heads::Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu, int32_t top_k)
+    : path(path_) {
     n_threads = std::max(1, n_threads_);
     try {
-        load(model_path, use_gpu);
+        load(model_path, use_gpu, top_k);
     } catch (...) {
         release();
         throw;
@@ -64,15 +65,15 @@ void Heads::release() {
     if (backend) ggml_backend_free(backend), backend = nullptr;
 }
 
-void Heads::load(const std::string &model_path, bool use_gpu) {
+void Heads::load(const std::string &model_path, bool use_gpu, int32_t top_k) {
     const char *forced = std::getenv("MEDUSA_EDGE_TEST_UNSUPPORTED_OP");
     test_unsupported_op = forced ? forced : "";
     parse(model_path);
     init_backend(use_gpu);
     upload();
-    // Check the graph the engine builds first (top-10 of every head) now, so that a fallback
-    // happens at load time; build() checks again for every other (k, n_used).
-    build(std::min<int32_t>(10, n_draft), n_heads, true);
+    // top_k > 0: check the graph the caller builds first (top_k of every head) now, so that a
+    // fallback happens at load time; build() checks again for every other (k, n_used).
+    if (top_k > 0) build(std::min<int32_t>(top_k, n_draft), n_heads, true);
 }
 
 void Heads::parse(const std::string &model_path) {

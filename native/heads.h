@@ -77,7 +77,7 @@ struct Heads {
     // batched product computes every head's logits (null otherwise: per-head tensors in `weights`).
     ggml_tensor *out_stack = nullptr;
 
-    Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu);
+    Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu, int32_t top_k = 0);
     ~Heads() { release(); }
     Heads(const Heads &) = delete;
     Heads &operator=(const Heads &) = delete;
@@ -85,7 +85,7 @@ struct Heads {
     void use_graph(const Graph &g, int32_t k, int32_t n, bool logp);
     void release_weights();
     void release();
-    void load(const std::string &model_path, bool use_gpu);
+    void load(const std::string &model_path, bool use_gpu, int32_t top_k);
 
     // Validate the heads file (and the model file's lm_head for shared output) and fill specs.
     void parse(const std::string &model_path);

@@ -53,6 +53,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from medusa_edge.core import tune
+from medusa_edge.core.tree import TOP_K
 from medusa_edge.cli.args import add_numerics_args, numerics_kwargs
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "mt_bench_questions.jsonl")
@@ -354,9 +355,9 @@ def main(argv=None) -> int:
         key = tune.cache_key(f"replay|{eng.model_path}|{eng.n_threads_batch}|{eng.flash_attn}|{eng.ctx.type_k}|{eng.ctx.type_v}",
                              None, eng.max_auto_nodes,
                              eng.ctx.n_ctx)
-        prof = np.zeros((len(profile), tune.MAX_RANK))
+        prof = np.zeros((len(profile), TOP_K))
         for i, r in enumerate(profile):
-            prof[i, : min(len(r), tune.MAX_RANK)] = r[: tune.MAX_RANK]
+            prof[i, : min(len(r), TOP_K)] = r[: TOP_K]
         shape_of = tune.planned_shapes(native, prof, len(profile), min(eng.max_auto_leaves, eng.ctx.n_seq_max))
         costs, _ = tune.cached_costs(key, lambda: tune.measure_costs(eng.ctx, native, m, eng.heads, max_batch=eng.max_auto_nodes,
                                                                      n_threads=eng.n_threads, n_threads_long=eng.n_threads_long,

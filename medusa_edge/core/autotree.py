@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from medusa_edge.core import tune
+from medusa_edge.core.tree import TOP_K
 
 
 class AutoTree:
@@ -49,9 +50,9 @@ class AutoTree:
         """[n_heads, MAX_RANK] per-head, per-rank accuracies: the heads file's (None: the Vicuna-7B
         prior), cut or padded with zeros."""
         acc = rank_accuracy or tune.VICUNA_7B_PROFILE
-        out = np.zeros((n_heads, tune.MAX_RANK))
+        out = np.zeros((n_heads, TOP_K))
         for i in range(min(n_heads, len(acc))):
-            row = list(acc[i])[: tune.MAX_RANK]
+            row = list(acc[i])[: TOP_K]
             out[i, : len(row)] = row
         return out
 

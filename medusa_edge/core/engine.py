@@ -33,7 +33,7 @@ from medusa_edge.guards.hw import load_model
 from medusa_edge.errors import BusyError, ContextOverflowError, HeadsError, ModelLoadError
 from medusa_edge.core import tune
 from medusa_edge.core.autotree import AutoTree, delegate
-from medusa_edge.core.tree import PRESETS, Tree, TreeError, accept, accept_typical
+from medusa_edge.core.tree import PRESETS, TOP_K, Tree, TreeError, accept, accept_typical
 
 #: proposer(generated, n_heads, top_k) -> [n_heads, top_k] token ids, rank-sorted. ``generated``
 #: holds the tokens emitted so far, the current root last. Replaces the heads (tests, other drafts).
@@ -247,7 +247,7 @@ class Engine:
         type_k: Optional[int] = None,
         type_v: Optional[int] = None,
         exact: "bool | str" = "auto",
-        top_k: int = 10,
+        top_k: int = TOP_K,
         verbose: bool = False,
     ):
         native.set_verbose(verbose)
@@ -304,7 +304,7 @@ class Engine:
         self._kv_epoch = -1
         if heads_path is not None:
             try:
-                self.heads = native.Heads(heads_path, model_path, n_threads, n_gpu_layers != 0)
+                self.heads = native.Heads(heads_path, model_path, n_threads, n_gpu_layers != 0, top_k=top_k)
             except (RuntimeError, ValueError) as e:
                 raise HeadsError(str(e)) from None
         self._shapes: dict[tuple, tuple[Tree, object]] = {}

@@ -26,6 +26,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+#: Candidates each head proposes per step (its top-k): the ranks a tree may use are 0..TOP_K-1. The
+#: reference's trees use ranks below 10 too; the trainer measures accuracy for these ranks.
+TOP_K = 10
+
 Path = tuple[int, ...]
 
 
@@ -193,7 +197,7 @@ class Tree:
             return self
         return Tree.from_paths(self.paths[: max(n_nodes, 1) - 1])
 
-    def check(self, *, n_heads: int, n_seq_max: int, n_batch: int, top_k: int = 10) -> None:
+    def check(self, *, n_heads: int, n_seq_max: int, n_batch: int, top_k: int = TOP_K) -> None:
         """Raise TreeError if this tree cannot run with these heads and this context."""
         if self.max_rank >= top_k:
             raise TreeError(f"tree uses rank {self.max_rank} but the heads propose top_k = {top_k} tokens (ranks 0..{top_k - 1})")

@@ -36,10 +36,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from medusa_edge.core.tree import TOP_K
+
 #: Batch sizes measured (capped by the context); dense where kernels switch on CPUs and GPUs.
 BATCHES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
-#: Top-k per head the tuner may use.
-MAX_RANK = 10
 #: The prior for heads files that carry no measured accuracies, per head the probability that rank
 #: r is right: top-1 0.60 / 0.45 / 0.35 / 0.30 per head, the Vicuna-7B Medusa-1 figures issue 12
 #: quotes (first head about 0.6, as the paper reports); the lower ranks and the fifth head are
@@ -61,7 +61,7 @@ class Costs:
     batch: list  # B measured, ascending, starting at 1
     t_decode: list  # median seconds of one verification forward of B tokens
     spread: list  # per B, relative half-width of the 95% interval of the median (0.02 = +-2%)
-    t_heads: list  # per number of heads used (index 0 = none): one heads pass, top-k MAX_RANK
+    t_heads: list  # per number of heads used (index 0 = none): one heads pass, top-k TOP_K
     t_host: float = 0.0  # host work of a tree step beside decode and heads (accept, commit, bookkeeping)
     t_host_plain: float = 0.0  # the same for a plain step
     rounds: int = 0
@@ -105,7 +105,7 @@ class Plan:
         return len(self.paths) + 1
 
 
-def grow_tree(rank_acc, n_nodes: int, max_depth: Optional[int] = None, max_rank: int = MAX_RANK,
+def grow_tree(rank_acc, n_nodes: int, max_depth: Optional[int] = None, max_rank: int = TOP_K,
               max_leaves: Optional[int] = None) -> list:
     """Medusa's greedy construction: paths in the order they join the tree (the root excluded),
     each time the frontier node with the largest expected acceptance, the product of
@@ -366,9 +366,9 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
         ctx.truncate(0)
         ctx.prefill([tok] * 8, 0, True)  # a row with a hidden state
         for d in range(1, heads.n_heads + 1):
-            heads.propose(ctx, 0, MAX_RANK, d, tok, logp=False)
+            heads.propose(ctx, 0, TOP_K, d, tok, logp=False)
             reps = 1 if late() else 7
-            t_heads.append(statistics.median(_timed(lambda: heads.propose(ctx, 0, MAX_RANK, d, tok, logp=False))
+            t_heads.append(statistics.median(_timed(lambda: heads.propose(ctx, 0, TOP_K, d, tok, logp=False))
                                              for _ in range(reps)))
     ctx.truncate(0)
     return Costs(batch=sizes, t_decode=[statistics.median(samples[b]) for b in sizes],
