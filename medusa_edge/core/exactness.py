@@ -17,36 +17,15 @@ decodes) once.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import threading
 from typing import Optional
 
 import numpy as np
 
 from medusa_edge._loader import native
+from medusa_edge.core.cache import cached, file_digest
 
 CANDIDATES = (63, 48, 32, 24, 16, 8, 4, 2)
 PROBE_PROMPTS = (16, 300)  # prompt lengths the probe decodes after: short, and past 256 KV cells
-
-_lock = threading.Lock()
-
-
-def _cache_path() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "medusa-edge", "exact-batch.json")
-
-
-def _file_id(path: str) -> str:
-    st = os.stat(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if st.st_size > (2 << 20):
-            f.seek(st.st_size - (1 << 20))
-            h.update(f.read(1 << 20))
-    return f"{st.st_size}:{h.hexdigest()[:32]}"
-
 
 def cache_key(model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool, n_gpu_layers: int,
               type_k: int = -1, type_v: int = -1) -> str:
@@ -54,8 +33,9 @@ def cache_key(model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool,
 
     from medusa_edge.guards.hw import use_extra_bufts
 
+    size, digest = file_digest(model_path)
     parts = [
-        "probe=3", _file_id(model_path), f"threads={n_threads}", f"fa={int(flash_attn)}", f"f32kv={int(f32_kv)}", f"ngl={n_gpu_layers}",
+        "probe=3", f"{size}:{digest[:32]}", f"threads={n_threads}", f"fa={int(flash_attn)}", f"f32kv={int(f32_kv)}", f"ngl={n_gpu_layers}",
         f"kv={type_k},{type_v}",
         f"extra_bufts={int(use_extra_bufts())}", f"llama_cpp_python={llama_cpp.__version__}", native.system_info(),
     ]
@@ -136,33 +116,16 @@ def single_threads(n_threads: int, n_cells: int, split: bool = True) -> int:
 def exact_batch(model, model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool, n_gpu_layers: int,
                 use_cache: bool = True, type_k: int = -1, type_v: int = -1) -> tuple[int, bool]:
     """``probe`` for this model and device, through the on-disk cache."""
+    def measure():
+        return probe(model, n_threads=n_threads, flash_attn=flash_attn, f32_kv=f32_kv, type_k=type_k, type_v=type_v)
+
+    if not use_cache:
+        return measure()
     key = cache_key(model_path, n_threads=n_threads, flash_attn=flash_attn, f32_kv=f32_kv, n_gpu_layers=n_gpu_layers,
                     type_k=type_k, type_v=type_v)
-    path = _cache_path()
-    with _lock:
-        table: dict = {}
-        if use_cache:
-            try:
-                with open(path) as f:
-                    table = json.load(f)
-                hit = table.get(key)
-                if isinstance(hit, list) and len(hit) == 2:
-                    return int(hit[0]), bool(hit[1])
-            except (OSError, ValueError, AttributeError, TypeError):
-                table = {}
-        b, fa = probe(model, n_threads=n_threads, flash_attn=flash_attn, f32_kv=f32_kv, type_k=type_k, type_v=type_v)
-        if use_cache:
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                table = table if isinstance(table, dict) else {}
-                table[key] = [b, fa]
-                tmp = f"{path}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
-                    json.dump(table, f)
-                os.replace(tmp, path)
-            except OSError:
-                pass  # a read-only home: probe again next time
-        return b, fa
+    value, _ = cached("exact-batch", key, measure, encode=list,
+                      decode=lambda e: (int(e[0]), bool(e[1])) if isinstance(e, list) and len(e) == 2 else None)
+    return value
 
 
 def first_divergence(a: list, b: list) -> Optional[int]:

@@ -26,16 +26,16 @@ rest are pure functions.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import statistics
-import threading
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from medusa_edge.core.cache import cached
 from medusa_edge.core.tree import TOP_K
 
 #: Batch sizes measured (capped by the context); dense where kernels switch on CPUs and GPUs.
@@ -427,15 +427,9 @@ def _spread(xs: list) -> float:
 
 
 # -- cache ----------------------------------------------------------------------------------------
-_lock = threading.Lock()
 #: A measurement whose 95% interval of some median is wider than +-20% (a busy machine, or rounds cut
 #: short by the deadline) serves this run but is not cached: the next load measures again.
 NOISY_SPREAD = 0.2
-
-
-def _cache_path() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "medusa-edge", "tree-costs.json")
 
 
 def cache_key(exactness_key: str, heads_path: Optional[str], max_batch: int, n_ctx: int) -> str:
@@ -448,35 +442,16 @@ def cache_key(exactness_key: str, heads_path: Optional[str], max_batch: int, n_c
 
 
 def cached_costs(key: str, measure) -> tuple[Costs, bool]:
-    """(costs, whether they came from the cache); ``measure()`` runs on a miss and is stored unless
-    noisy (``NOISY_SPREAD``)."""
-    path = _cache_path()
-    with _lock:
-        table: dict = {}
-        try:
-            with open(path) as f:
-                table = json.load(f)
-            hit = table.get(key) if isinstance(table, dict) else None
-            if isinstance(hit, dict) and os.environ.get("MEDUSA_EDGE_RETUNE") != "1":
-                return Costs(**hit), True
-        except (OSError, ValueError, TypeError):
-            table = {}
-        costs = measure()
-        if max(costs.spread, default=0.0) > NOISY_SPREAD:
-            import sys
+    """(costs, whether they came from the cache); ``measure()`` runs on a miss (or always with
+    MEDUSA_EDGE_RETUNE=1) and is stored unless noisy (``NOISY_SPREAD``)."""
+    def quiet(costs: Costs) -> bool:
+        if max(costs.spread, default=0.0) <= NOISY_SPREAD:
+            return True
+        print("medusa-edge: the verification costs measured now vary by more than "
+              f"{NOISY_SPREAD:.0%} (is the machine busy?): used for this run, not cached; the next load "
+              "measures them again", file=sys.stderr)
+        return False
 
-            print("medusa-edge: the verification costs measured now vary by more than "
-                  f"{NOISY_SPREAD:.0%} (is the machine busy?): used for this run, not cached; the next load "
-                  "measures them again", file=sys.stderr)
-            return costs, False
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            table = table if isinstance(table, dict) else {}
-            table[key] = asdict(costs)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(table, f)
-            os.replace(tmp, path)
-        except OSError:
-            pass
-        return costs, False
+    return cached("tree-costs", key, measure, encode=asdict, store=quiet,
+                  decode=lambda e: Costs(**e) if isinstance(e, dict) else None,
+                  read=os.environ.get("MEDUSA_EDGE_RETUNE") != "1")
