@@ -9,7 +9,7 @@ and the methods take turns within every round, so drift and load hit all alike:
   * no heads: this engine on the GGUF alone (every default);
   * with --heads, the engine's own plain steps in exact mode (``max_depth=0``), which past 256 KV
     cells run either as one-thread one-token decodes or padded to a 2-token batch on all threads
-    (``Engine.pad_long``): both are timed;
+    (``Engine.pad_kv_split``): both are timed;
   * with --heads, Medusa with every default (tree="auto").
 Prints tokens/s (after the first token) per method and length, and each one's ratio to
 llama-cpp-python; -o writes the JSON.
@@ -77,19 +77,19 @@ def main(argv=None) -> int:
                "no heads": lambda ids: engine_run(bare, ids, args.tokens)}
     if args.heads:
         med = Engine(args.model, args.heads, n_ctx=n_ctx, n_threads=args.threads)
-        pad = med.pad_long
+        pad = med.pad_kv_split
 
         def plain_steps(padded: bool):
             def run(ids):
-                med.pad_long = padded
+                med.pad_kv_split = padded
                 try:
                     return engine_run(med, ids, args.tokens, max_depth=0)
                 finally:
-                    med.pad_long = pad
+                    med.pad_kv_split = pad
             return run
 
-        if med.n_threads_long < med.n_threads:
-            methods[f"heads, plain steps, {med.n_threads_long} thread(s) past 256"] = plain_steps(False)
+        if med.n_threads_kv_split < med.n_threads:
+            methods[f"heads, plain steps, {med.n_threads_kv_split} thread(s) past 256"] = plain_steps(False)
             methods["heads, plain steps, padded past 256"] = plain_steps(True)
         else:
             methods["heads, plain steps"] = plain_steps(pad)

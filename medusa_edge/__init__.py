@@ -2,11 +2,11 @@
 
 from medusa_edge.api import Medusa, TextStream
 from medusa_edge.core.engine import Engine, SamplingParams, Stats
-from medusa_edge.errors import ClosedError, ContextOverflowError, HeadsError, MedusaError, ModelLoadError
+from medusa_edge.errors import ClosedError, ContextOverflowError, HeadsError, MedusaError, ModelLoadError, RpcError
 from medusa_edge.core.tree import PRESETS, Tree, TreeError
 
 __all__ = [
     "Medusa", "TextStream", "Engine", "SamplingParams", "Stats", "Tree", "TreeError", "PRESETS",
-    "MedusaError", "ModelLoadError", "HeadsError", "ContextOverflowError", "ClosedError",
+    "MedusaError", "ModelLoadError", "RpcError", "HeadsError", "ContextOverflowError", "ClosedError",
 ]
 __version__ = "0.1.0"

@@ -15,15 +15,31 @@ def set_verbose(v: bool) -> None:
 def max_parallel_sequences() -> int:
     """The most seq ids a llama.cpp context can hold (the upper bound of Context's n_seq_max)."""
 def supports_gpu_offload() -> bool:
-    """Whether this llama.cpp build can offload layers to a GPU."""
+    """Whether llama.cpp has a GPU of this machine to offload layers to (RPC servers do not count)."""
+def supports_rpc() -> bool:
+    """Whether this llama.cpp build has its RPC backend (built with GGML_RPC=on)."""
+def rpc_protocol() -> tuple[int, int, int]:
+    """(major, minor, patch) of the RPC protocol this llama.cpp speaks: a server must have the same major and a minor no newer."""
+def rpc_in_use(endpoint: str) -> bool:
+    """Whether a Model or Heads of this process holds RPC endpoint `endpoint` (and so maybe its one connection)."""
 def system_info() -> str:
     """llama.cpp's system line: the CPU features and backends it was built with."""
 def gguf_metadata(path: str, what: str = "GGUF file") -> dict:
     """A GGUF file's key/values and tensor table (no tensor data); ValueError naming the file for anything unreadable."""
 
 class Model:
-    def __init__(self, path: str, n_gpu_layers: int = 0, vocab_only: bool = False, *, use_extra_bufts: bool) -> None:
-        """Load a GGUF model with n_gpu_layers offloaded; RuntimeError when llama.cpp cannot load it."""
+    def __init__(self, path: str, n_gpu_layers: int = 0, vocab_only: bool = False, *, use_extra_bufts: bool,
+                 rpc_servers: list[str] = ...) -> None:
+        """Load a GGUF model with n_gpu_layers offloaded (rpc_servers: "host:port" of llama.cpp RPC servers, whose devices come first in the split, then the local GPUs; each must answer, or llama.cpp aborts); RuntimeError when llama.cpp cannot load it or has no RPC backend."""
+    @property
+    def rpc_servers(self) -> list[str]:
+        """The RPC servers the model was loaded over ([] without)."""
+    @property
+    def devices(self) -> list[str]:
+        """Loaded over RPC: the devices the offloaded layers split over, 'NAME (description)' in llama.cpp's order; [] otherwise."""
+    @property
+    def output_device(self) -> str:
+        """Loaded over RPC: the device of the output layer ('CPU' when not offloaded); '' otherwise."""
     @property
     def n_vocab(self) -> int:
         """Tokens in the vocabulary."""
@@ -167,8 +183,9 @@ class Embedder:
         """One float32 array per token sequence: [n_tokens, n_embd] without pooling, else [n_embd]; ValueError for too many."""
 
 class Heads:
-    def __init__(self, path: str, model_path: str, n_threads: int, use_gpu: bool = False, top_k: int = 0) -> None:
-        """Medusa heads from heads file `path` (and model file `model_path` where they share its tensors); ValueError naming the file for anything invalid. top_k > 0 builds that graph at load."""
+    def __init__(self, path: str, model_path: str, n_threads: int, use_gpu: bool = False, top_k: int = 0,
+                 output_of: Optional["Model"] = None) -> None:
+        """Medusa heads from heads file `path` (and model file `model_path` where they share its tensors), on the first GPU with use_gpu, else the CPU; with `output_of` (a Model loaded over RPC) on its output layer's device; ValueError naming the file for anything invalid. top_k > 0 builds that graph at load."""
     @property
     def n_heads(self) -> int:
         """Heads in the file."""

@@ -129,6 +129,9 @@ class Medusa:
     mode. ``create_*``'s ``medusa["exact"]`` says which holds (docs/design.md section 5).
     ``pooling_type`` (llama-cpp-python's: -1 the model's, 0 none, 1 mean, 2 cls, 3 last) is for
     ``embed``/``create_embedding``, which run on a context of their own, made on first use.
+    ``rpc_servers`` (llama-cpp-python's: "host:port" of llama.cpp RPC servers, comma-separated or a
+    list) puts the ``n_gpu_layers`` offloaded layers (-1: all) on those servers' devices, then on
+    the local GPUs; the heads run where the output layer is (docs/scaling.md, "RPC").
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class Medusa:
         chat_format: Optional[str] = None,
         pooling_type: int = -1,
         verbose: bool = False,
+        rpc_servers: "Sequence[str] | str | None" = None,
     ):
         if chat_format is not None and chat_format not in chat_template.FORMATS:
             raise ValueError(f"unknown chat_format {chat_format!r}: use one of {', '.join(sorted(chat_template.FORMATS))} "
@@ -179,7 +183,7 @@ class Medusa:
         self.engine = Engine(
             model_path, heads_path, tree=tree, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
             n_gpu_layers=n_gpu_layers, f32_kv=f32_kv, flash_attn=flash_attn, type_k=type_k, type_v=type_v, exact=exact,
-            verbose=verbose,
+            verbose=verbose, rpc_servers=rpc_servers,
         )
         self.last_stats: Optional[Stats] = None
 

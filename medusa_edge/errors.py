@@ -9,6 +9,11 @@ class ModelLoadError(MedusaError):
     """The model GGUF cannot be loaded or cannot be used for tree verification."""
 
 
+class RpcError(ModelLoadError):
+    """llama.cpp's RPC backend cannot be used: not built in, a server that does not answer or speaks
+    another protocol version, or a malformed ``rpc_servers``."""
+
+
 class HeadsError(MedusaError):
     """The heads GGUF is unreadable, or was made for a different base model."""
 

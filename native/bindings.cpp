@@ -8,6 +8,8 @@
 #include "model.h"
 #include "sampler.h"
 
+#include "ggml-rpc.h"  // RPC_PROTO_* only: the RPC functions are reached through ggml's registry
+
 PYBIND11_MODULE(_native, m) {
     m.doc() = "medusa_edge native layer: llama.cpp model/context, tree batches, KV commit, ggml Medusa heads";
 
@@ -21,17 +23,44 @@ PYBIND11_MODULE(_native, m) {
     m.def("set_verbose", &set_verbose, "Pass llama.cpp's log through to stderr (errors are always kept for exceptions).");
     m.def("max_parallel_sequences", []() { return (int)llama_max_parallel_sequences(); },
           "The most seq ids a llama.cpp context can hold (the upper bound of Context's n_seq_max).");
-    m.def("supports_gpu_offload", []() { return llama_supports_gpu_offload(); },
-          "Whether this llama.cpp build can offload layers to a GPU.");
+    // A GPU of this machine. Not llama_supports_gpu_offload(): that is also true for a build with the
+    // RPC backend and no GPU (RPC servers are offload targets), which has no GPU here. RPC devices
+    // are never in ggml's registry (Model passes them to llama.cpp explicitly), so they never count.
+    m.def("supports_gpu_offload", []() {
+        return ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) != nullptr ||
+               ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU) != nullptr;
+    }, "Whether llama.cpp has a GPU of this machine to offload layers to (RPC servers do not count).");
     m.def("system_info", []() { return std::string(llama_print_system_info()); },
           "llama.cpp's system line: the CPU features and backends it was built with.");
 
 
+    m.def("supports_rpc", []() { return llama_supports_rpc(); },
+          "Whether this llama.cpp build has its RPC backend (built with GGML_RPC=on).");
+    m.def("rpc_protocol", []() { return py::make_tuple(RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION, RPC_PROTO_PATCH_VERSION); },
+          "(major, minor, patch) of the RPC protocol this llama.cpp speaks (ggml-rpc.h): a server must have the "
+          "same major and a minor no newer.");
+    m.def("rpc_in_use", &rpc_in_use, py::arg("endpoint"),
+          "Whether a model or heads of this process hold RPC endpoint `endpoint` (and so maybe its one connection).");
+
     py::class_<Model, std::shared_ptr<Model>>(m, "Model")
-        .def(py::init<const std::string &, int, bool, bool>(), py::arg("path"), py::arg("n_gpu_layers") = 0,
-             py::arg("vocab_only") = false, py::kw_only(), py::arg("use_extra_bufts"),
+        .def(py::init<const std::string &, int, bool, bool, const std::vector<std::string> &>(), py::arg("path"),
+             py::arg("n_gpu_layers") = 0, py::arg("vocab_only") = false, py::kw_only(), py::arg("use_extra_bufts"),
+             py::arg("rpc_servers") = std::vector<std::string>(),
              "Load a GGUF model with n_gpu_layers offloaded (vocab_only: the tokenizer alone; use_extra_bufts: allow "
-             "llama.cpp's extra weight buffer types); RuntimeError when llama.cpp cannot load it.")
+             "llama.cpp's extra weight buffer types; rpc_servers: 'host:port' of running llama.cpp RPC servers, whose "
+             "devices come first among those the offloaded layers split over; each must answer, or llama.cpp aborts); "
+             "RuntimeError when llama.cpp cannot load it or has no RPC backend.")
+        .def_property_readonly("rpc_servers", [](const Model &s) { return s.rpc_servers; },
+                               "The RPC servers the model was loaded over ([] without).")
+        .def_property_readonly("devices", [](const Model &s) {
+            std::vector<std::string> out;
+            for (auto d : s.devices) out.push_back(Model::device_label(d));
+            return out;
+        }, "Loaded over RPC: the devices the offloaded layers split over, 'NAME (description)' in llama.cpp's order; "
+           "[] otherwise.")
+        .def_property_readonly("output_device", [](const Model &s) {
+            return s.rpc_servers.empty() ? std::string() : Model::device_label(s.output_dev);
+        }, "Loaded over RPC: the device of the output layer ('CPU' when it is not offloaded); '' otherwise.")
         .def_property_readonly("n_vocab", [](const Model &s) { return llama_vocab_n_tokens(s.vocab); },
                                "Tokens in the vocabulary.")
         .def_property_readonly("n_embd", [](const Model &s) { return llama_model_n_embd_out(s.model); },
@@ -183,11 +212,16 @@ PYBIND11_MODULE(_native, m) {
              "[n_embd]; ValueError for too many sequences or tokens.");
 
     py::class_<Heads>(m, "Heads")
-        .def(py::init<const std::string &, const std::string &, int, bool, int32_t>(), py::arg("path"),
-             py::arg("model_path"), py::arg("n_threads"), py::arg("use_gpu") = false, py::arg("top_k") = 0,
+        .def(py::init([](const std::string &path, const std::string &model_path, int n_threads, bool use_gpu, int32_t top_k,
+                         const std::shared_ptr<Model> &output_of) {
+                 return std::make_unique<Heads>(path, model_path, n_threads, use_gpu, top_k,
+                                                output_of ? output_of->output_dev : nullptr);
+             }), py::arg("path"), py::arg("model_path"), py::arg("n_threads"), py::arg("use_gpu") = false,
+             py::arg("top_k") = 0, py::arg("output_of") = nullptr,
              "Medusa heads from heads file `path` (shared-output and root-input heads read model file `model_path` "
-             "too), on the first GPU with use_gpu, else the CPU; ValueError naming the file for anything invalid. "
-             "top_k > 0 builds the graph for top_k candidates of every head at load (a backend fallback then "
+             "too), on the first GPU with use_gpu, else the CPU; with `output_of`, a Model loaded over RPC whose "
+             "output layer is offloaded, on that layer's device instead. ValueError naming the file for anything "
+             "invalid. top_k > 0 builds the graph for top_k candidates of every head at load (a backend fallback then "
              "happens here, not at the first step).")
         .def_readonly("n_heads", &Heads::n_heads, "Heads in the file.")
         .def_readonly("n_layers", &Heads::n_layers, "ResBlocks per head.")

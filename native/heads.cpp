@@ -18,11 +18,12 @@ static bool matrix_type_ok(ggml_type t) {
     }
 }
 
-Heads::Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu, int32_t top_k)
+Heads::Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu, int32_t top_k,
+             ggml_backend_dev_t device)
     : path(path_) {
     n_threads = std::max(1, n_threads_);
     try {
-        load(model_path, use_gpu, top_k);
+        load(model_path, use_gpu, top_k, device);
     } catch (...) {
         release();
         throw;
@@ -63,13 +64,14 @@ void Heads::release() {
     release_graph();
     release_weights();
     if (backend) ggml_backend_free(backend), backend = nullptr;
+    rpc_use.reset();
 }
 
-void Heads::load(const std::string &model_path, bool use_gpu, int32_t top_k) {
+void Heads::load(const std::string &model_path, bool use_gpu, int32_t top_k, ggml_backend_dev_t device) {
     const char *forced = std::getenv("MEDUSA_EDGE_TEST_UNSUPPORTED_OP");
     test_unsupported_op = forced ? forced : "";
     parse(model_path);
-    init_backend(use_gpu);
+    init_backend(use_gpu, device);
     upload();
     // top_k > 0: check the graph the caller builds first (top_k of every head) now, so that a
     // fallback happens at load time; build() checks again for every other (k, n_used).
@@ -184,8 +186,13 @@ void Heads::parse_draft_vocab(const GgufFile &hf, int64_t version) {
     n_draft = (int32_t)n;
 }
 
-void Heads::init_backend(bool use_gpu) {
-    if (use_gpu) {
+void Heads::init_backend(bool use_gpu, ggml_backend_dev_t device) {
+    if (device) {
+        backend = ggml_backend_dev_init(device, nullptr);
+        if (!backend) throw std::runtime_error("cannot initialise " + Model::device_label(device) + " for the Medusa heads");
+        const std::string ep = rpc_endpoint_of(device);
+        if (!ep.empty()) rpc_use = std::make_unique<RpcUse>(std::vector<std::string>{ep});
+    } else if (use_gpu) {
         ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
         if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU);
         if (dev) backend = ggml_backend_dev_init(dev, nullptr);
@@ -272,6 +279,7 @@ void Heads::fall_back_to_cpu(const std::string &op) {
     release_graph();
     release_weights();
     ggml_backend_free(backend), backend = nullptr;
+    rpc_use.reset();
     on_fallback = true;
     init_cpu_backend();
     backend_name = std::string(ggml_backend_name(backend)) + " (fallback: " + first + " lacks " + op + ")";

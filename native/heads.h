@@ -47,6 +47,7 @@ struct Heads {
     ggml_backend_t backend = nullptr;
     bool on_fallback = false;  // the heads run on the CPU because the first backend lacked an op
     std::string backend_name;
+    std::unique_ptr<RpcUse> rpc_use;  // heads on an RPC device: its endpoint is in use (model.h)
     std::string test_unsupported_op;  // MEDUSA_EDGE_TEST_UNSUPPORTED_OP: pretend the first backend lacks this op
     ggml_context *wctx = nullptr;       // weight tensors
     ggml_backend_buffer_t wbuf = nullptr;
@@ -77,7 +78,10 @@ struct Heads {
     // batched product computes every head's logits (null otherwise: per-head tensors in `weights`).
     ggml_tensor *out_stack = nullptr;
 
-    Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu, int32_t top_k = 0);
+    // device: run on this device (the output layer's of a model loaded over RPC, Model::output_dev);
+    // null: as init_backend says.
+    Heads(const std::string &path_, const std::string &model_path, int n_threads_, bool use_gpu, int32_t top_k = 0,
+          ggml_backend_dev_t device = nullptr);
     ~Heads() { release(); }
     Heads(const Heads &) = delete;
     Heads &operator=(const Heads &) = delete;
@@ -85,7 +89,7 @@ struct Heads {
     void use_graph(const Graph &g, int32_t k, int32_t n, bool logp);
     void release_weights();
     void release();
-    void load(const std::string &model_path, bool use_gpu, int32_t top_k);
+    void load(const std::string &model_path, bool use_gpu, int32_t top_k, ggml_backend_dev_t device);
 
     // Validate the heads file (and the model file's lm_head for shared output) and fill specs.
     void parse(const std::string &model_path);
@@ -100,8 +104,9 @@ struct Heads {
     // ggml-backend.h of this version) has no call that names the device of a model tensor (that is
     // llama_model::dev_output(), internal C++), so with offloading this takes the first GPU: the right
     // one with a single GPU; with several, llama.cpp's default layer split usually puts the output layer
-    // on the last one, and the hidden state then crosses devices once per step.
-    void init_backend(bool use_gpu);
+    // on the last one, and the hidden state then crosses devices once per step. A model loaded over
+    // RPC computes its output layer's device itself (Model::output_dev), and `device` is that one.
+    void init_backend(bool use_gpu, ggml_backend_dev_t device = nullptr);
     void init_cpu_backend();
 
     // Create the weight tensors on `backend` and read their data from the files.

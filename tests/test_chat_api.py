@@ -1,4 +1,4 @@
-"""Issue 9, the Python surface: create_chat_completion and create_completion with llama-cpp-python's
+"""create_chat_completion and create_completion with llama-cpp-python's
 parameters and shapes; streaming text (UTF-8, stop strings, close); KV prefix reuse == cold start."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Issue 8: bit-exact Medusa on quantized models. Greedy and seeded output identical to plain
+"""Bit-exact Medusa on quantized models. Greedy and seeded output identical to plain
 decoding, token for token; the verify batch computes every row bit for bit as a one-token decode."""
 
 from pathlib import Path
@@ -175,7 +175,7 @@ def test_long_context_identical_and_single_thread_split_matters(quant_models, mo
 
     path = quant_models["Q8_0"]
     med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=1024, n_threads=2)
-    assert med.n_threads_long == 1 and med.n_threads == med.n_threads_batch == 2
+    assert med.n_threads_kv_split == 1 and med.n_threads == med.n_threads_batch == 2
     rng = np.random.default_rng(7)
     ids = [1] + [int(t) for t in rng.integers(3, med.model.n_vocab, 300)]
     ref = run_plain(med, ids, N_TOKENS)
@@ -184,19 +184,19 @@ def test_long_context_identical_and_single_thread_split_matters(quant_models, mo
     assert st.tokens_per_step > 2.0
     m = load_model(path)
     assert probe(m, n_threads=2, flash_attn=1, f32_kv=False)[0] == 63
-    monkeypatch.setattr(exactness, "single_threads", lambda n, cells, split=True: n)
+    monkeypatch.setattr(exactness, "single_token_threads", lambda n, cells, split=True: n)
     assert probe(m, n_threads=2, flash_attn=1, f32_kv=False)[0] < 63
 
 
 def test_split_boundary_all_threads_up_to_256_cells(quant_models):
-    """Where exactness.single_threads draws its line: a two-thread one-token decode equals its row
+    """Where exactness.single_token_threads draws its line: a two-thread one-token decode equals its row
     of a batch bit for bit while the KV cache holds at most 256 cells; at 257 cells it differs
     (ggml-cpu's split-KV attention), and a one-thread decode there still equals the row."""
     from medusa_edge._loader import native
-    from medusa_edge.core.exactness import SPLIT_FREE_CELLS, single_threads
+    from medusa_edge.core.exactness import SPLIT_FREE_CELLS, single_token_threads
     from medusa_edge.guards.hw import load_model
 
-    assert single_threads(2, SPLIT_FREE_CELLS) == 2 and single_threads(2, SPLIT_FREE_CELLS + 1) == 1
+    assert single_token_threads(2, SPLIT_FREE_CELLS) == 2 and single_token_threads(2, SPLIT_FREE_CELLS + 1) == 1
     m = load_model(quant_models["Q8_0"])
     ctx = native.Context(m, 1024, 64, 2, 1, False, 1, 0, 2)
     rng = np.random.default_rng(4)
@@ -228,8 +228,8 @@ def test_generation_across_the_split_identical(quant_models):
     those one-thread decodes."""
     path = quant_models["Q8_0"]
     med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=1024, n_threads=2)
-    assert not med.pad_long and med.n_threads_long == 1  # unmeasured (a fixed tree): one thread
-    med.pad_long = True
+    assert not med.pad_kv_split and med.n_threads_kv_split == 1  # unmeasured (a fixed tree): one thread
+    med.pad_kv_split = True
     base = llama_cpp_baseline(med, n_ctx=1024)
     rng = np.random.default_rng(11)
     ids = [1] + [int(t) for t in rng.integers(3, med.model.n_vocab, 40)]
@@ -253,7 +253,7 @@ def test_plain_decoding_without_heads_keeps_all_threads_past_the_split(quant_mod
     threads bit for bit (300-token prompt, 128 tokens). With a tree the split rule returns."""
     path = quant_models["Q8_0"]
     bare = Engine(path, n_ctx=1024, n_threads=2)
-    assert bare.heads is None and bare.n_threads_long == 2 and bare.guarantee == "bitwise"
+    assert bare.heads is None and bare.n_threads_kv_split == 2 and bare.guarantee == "bitwise"
     rng = np.random.default_rng(14)
     ids = [1] + [int(t) for t in rng.integers(3, bare.model.n_vocab, 300)]
     ref = run(bare, ids, GREEDY, N_TOKENS)
@@ -263,7 +263,7 @@ def test_plain_decoding_without_heads_keeps_all_threads_past_the_split(quant_mod
     lcp = llama_cpp_greedy(base, bare.model, ids, N_TOKENS)
     assert lcp == ref, f"plain decoding differs from llama-cpp-python on 2 threads at {first_divergence(lcp, ref)}"
     bare.use_trees("chain:2")  # a tree (fed by a proposer) brings the one-thread rule back
-    assert bare.n_threads_long == 1
+    assert bare.n_threads_kv_split == 1
 
 
 def test_quantized_kv_cache_all_threads_and_identical(quant_models):
@@ -277,7 +277,7 @@ def test_quantized_kv_cache_all_threads_and_identical(quant_models):
     plain = Engine(path, tree="chain:0", n_ctx=1024, n_threads=2, type_k=q8, type_v=q8)
     med = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="mc_sim_7b_63", n_ctx=1024, n_threads=2,
                  type_k=q8, type_v=q8)
-    assert plain.ctx.type_k == plain.ctx.type_v == q8 and plain.n_threads_long == 2 and med.exact_batch >= 32
+    assert plain.ctx.type_k == plain.ctx.type_v == q8 and plain.n_threads_kv_split == 2 and med.exact_batch >= 32
     rng = np.random.default_rng(12)
     ids = [1] + [int(t) for t in rng.integers(3, plain.model.n_vocab, 200)]
     ref = run(plain, ids, GREEDY, N_TOKENS)
@@ -301,7 +301,7 @@ def test_tree_per_regime_follows_the_cache(quant_models):
     path = quant_models["Q8_0"]
     e = Engine(path, path.replace(".gguf", ".medusa.gguf"), tree="chain:3", n_ctx=1024, n_threads=2)
     e.use_trees("chain:0", "chain:3")
-    assert e.n_threads_long == 1
+    assert e.n_threads_kv_split == 1
     rng = np.random.default_rng(13)
     ids = [1] + [int(t) for t in rng.integers(3, e.model.n_vocab, 200)]
     ref = run_plain(e, ids, N_TOKENS)
@@ -377,7 +377,7 @@ def test_llama_cpp_baseline_gets_the_engine_settings(quant_models):
     base = llama_cpp_baseline(e, n_ctx=256)
     assert base.model_params.n_gpu_layers == e.n_gpu_layers == 99
     cp = base.context_params
-    assert (cp.n_threads, cp.n_threads_batch) == (e.n_threads_long, e.n_threads_batch)
+    assert (cp.n_threads, cp.n_threads_batch) == (e.n_threads_kv_split, e.n_threads_batch)
     assert (cp.n_batch, cp.n_ubatch) == (e.ctx.n_batch, e.ctx.n_ubatch)
     assert (cp.type_k, cp.type_v) == (e.ctx.type_k, e.ctx.type_v) == (8, 8)
     assert cp.flash_attn_type == (1 if e.flash_attn else 0)
@@ -391,7 +391,7 @@ def test_no_tree_past_the_split_decodes_as_llama_cpp(quant_models):
     path = quant_models["Q8_0"]
     e = Engine(path, path.replace(".gguf", ".medusa.gguf"), n_ctx=1024, n_threads=2)  # auto
     e.use_trees("chain:0")
-    assert e.n_threads_long == 2 and e.guarantee == "bitwise"
+    assert e.n_threads_kv_split == 2 and e.guarantee == "bitwise"
     rng = np.random.default_rng(15)
     ids = [1] + [int(t) for t in rng.integers(3, e.model.n_vocab, 300)]
     base = llama_cpp_baseline(e, n_ctx=1024)
@@ -401,4 +401,4 @@ def test_no_tree_past_the_split_decodes_as_llama_cpp(quant_models):
     assert got == ref, f"differs from llama-cpp-python on 2 threads at {first_divergence(got, ref)}"
     assert e.ctx.n_threads == 2
     e.use_trees("chain:3", "chain:0")
-    assert e.n_threads_long == 1
+    assert e.n_threads_kv_split == 1

@@ -1,4 +1,4 @@
-"""Issue 7, fuzzed: a malformed GGUF never kills the process.
+"""A malformed GGUF never kills the process.
 
 Mutants of small valid files, built deterministically (fixed seeds): bit flips, byte overwrites,
 truncations, inserted and deleted bytes, and edits of the GGUF structure (values of other types,

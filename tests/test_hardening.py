@@ -1,4 +1,4 @@
-"""Issue 7: every CPU, untrusted GGUFs, many callers. The AMX guard, sandboxed chat templates,
+"""Every CPU, untrusted GGUFs, many callers. The AMX guard, sandboxed chat templates,
 no doubled BOS, one instance used from several threads, stale streams, seed chaining."""
 
 import os

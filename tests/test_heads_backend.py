@@ -1,4 +1,4 @@
-"""Issue 7, heads on a device: a backend that lacks an op of the heads graph makes the heads run on
+"""A backend that lacks an op of the heads graph makes the heads run on
 the CPU (never a GGML abort inside the graph compute), with the same ids; and heads of any depth
 within the file's bounds build a graph that fits."""
 

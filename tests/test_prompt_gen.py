@@ -1,7 +1,9 @@
 """The self-distillation prompt generator: deterministic, prefix-stable (a data cache extends),
-held-out topics unseen in training, and the second set of kinds appended after the first."""
+held-out topics unseen in training, and the second set of kinds appended after the first; and
+the one prompt loader the trainer, verify and bench read prompt files with."""
 
 import json
+import os
 
 import pytest
 
@@ -52,3 +54,44 @@ def test_cli_writes_both_splits_in_proportion(tmp_path):
     heldout = [json.loads(line)["prompt"] for line in held.read_text().splitlines()]
     assert train == pg.generate(80, n_more=20) and len(heldout) == 50
     assert heldout[40:] == pg.generate(40, split="heldout", n_more=10)[40:]  # 20% of the second set, like training
+
+
+def test_load_prompts_formats(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join([
+        json.dumps({"prompt": "a"}), json.dumps({"text": "b"}), json.dumps({"turns": ["c", "d"]}), json.dumps("e"),
+        json.dumps({"messages": [{"role": "user", "content": "f"}]}), "",
+    ]))
+    got = pg.load_prompts(str(p))
+    assert got[:4] == ["a", "b", "c", "e"] and got[4] == [{"role": "user", "content": "f"}]
+    assert pg.prompt_messages("a") == [{"role": "user", "content": "a"}] and pg.prompt_messages(got[4]) == got[4]
+    assert pg.prompt_text(got[4]) == "f" and pg.prompt_text("a") == "a"
+    bench = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "mt_bench_questions.jsonl")
+    if os.path.exists(bench):
+        assert len(pg.load_prompts(bench)) >= 80
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"prompt": "a"}\n{"question": 1}\n', r"bad.jsonl:2: .*\"prompt\""),
+    ('{"prompt": "a"}\nnot json\n', r"bad.jsonl:2: not valid JSON"),
+    ('{"turns": [{"x": 1}]}\n', r"bad.jsonl:1: \"turns\" must start with a string"),
+    ('{"messages": [{"content": "x"}]}\n', r"bad.jsonl:1: every entry of \"messages\""),
+    ("\n\n", r"bad.jsonl: no prompts"),
+    ("", r"bad.jsonl: no prompts"),
+])
+def test_load_prompts_refuses_bad_files(tmp_path, text, match):
+    (tmp_path / "bad.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        pg.load_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_verify_reads_prompts_with_the_same_loader(tmp_path):
+    """``medusa-edge verify``: its built-in prompts without a file, any loader format with one, and its limit."""
+    from medusa_edge.cli import verify
+
+    assert verify.load_prompts(None, None) == verify.DEFAULT_PROMPTS
+    assert verify.load_prompts(None, 3) == verify.DEFAULT_PROMPTS[:3]
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join([json.dumps({"turns": ["q1", "ignored"]}), json.dumps("q2"), json.dumps({"text": "q3"})]))
+    assert verify.load_prompts(str(p), None) == pg.load_prompts(str(p)) == ["q1", "q2", "q3"]
+    assert verify.load_prompts(str(p), 2) == ["q1", "q2"]

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from medusa_edge.server.app import Access  # noqa: E402 (needs the server extra)
+from medusa_edge.server.access import Access  # noqa: E402 (needs the server extra)
 from test_server import ServerProcess  # noqa: E402 (the same subprocess harness)
 
 MODEL = "demo-model.gguf"
@@ -516,7 +516,7 @@ def test_serve_limit_defaults():
     import argparse
 
     from medusa_edge import cli
-    from medusa_edge.server.app import Limits
+    from medusa_edge.server import Limits
 
     sub = argparse.ArgumentParser().add_subparsers()
     cli._add_serve(sub)

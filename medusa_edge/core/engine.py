@@ -21,11 +21,11 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from medusa_edge.core import exactness
+from medusa_edge.core import exactness, rpc
 from medusa_edge.guards.gguf_file import read_gguf
 from medusa_edge.heads.check import heads_info
 from medusa_edge._loader import native
@@ -230,6 +230,10 @@ class Engine:
     code path with a root-only tree, which is also the lossless baseline in benchmarks.
     ``type_k``/``type_v``: ggml types of the KV cache (None: F16, or F32 with ``f32_kv``); a
     quantized V cache needs flash attention (llama.cpp refuses it otherwise, a ModelLoadError).
+    ``rpc_servers``: llama.cpp RPC servers ("host:port", a list or one comma-separated string)
+    whose devices hold the offloaded layers (``n_gpu_layers``, -1: all) before the local GPUs;
+    the heads run on the output layer's device (core/rpc.py; RpcError, a ModelLoadError, when
+    the RPC backend is not built in or a server does not answer).
     """
 
     def __init__(
@@ -249,6 +253,7 @@ class Engine:
         exact: "bool | str" = "auto",
         top_k: int = TOP_K,
         verbose: bool = False,
+        rpc_servers: "Sequence[str] | str | None" = None,
     ):
         native.set_verbose(verbose)
         self.verbose = verbose
@@ -261,14 +266,18 @@ class Engine:
         self.model_path = model_path
         self.n_gpu_layers = n_gpu_layers
         self.heads_path = heads_path
-        self.model = self._load_model(model_path, n_gpu_layers)
+        self.rpc_servers = rpc.check_servers(rpc_servers, n_gpu_layers)
+        self.model = self._load_model(model_path, n_gpu_layers, self.rpc_servers)
         self.heads = None
         self.heads_info = None
         if heads_path is not None:
             self.heads_info = read_heads_info(heads_path)
             self._check_heads_match(heads_path, self.heads_info)
 
-        on_gpu = n_gpu_layers != 0 and native.supports_gpu_offload()
+        # RPC devices are run as a GPU is: the argmax on the output device (no logits cross the
+        # network) and no local thread schedule for exact mode (the servers' threads are their own;
+        # the exactness probe measures what they compute).
+        on_gpu = n_gpu_layers != 0 and (native.supports_gpu_offload() or bool(self.rpc_servers))
         # "auto" (the default with heads): a tree planned from this device's measured costs (_tune)
         self.auto = self.heads_info is not None and (tree is None or tree == "auto")
         self.tree = Tree.from_paths([]) if self.auto else self._choose_tree(tree)
@@ -276,7 +285,7 @@ class Engine:
         tk = -1 if type_k is None else int(type_k)
         tv = -1 if type_v is None else int(type_v)
         # Threads: batches get all; so do one-token decodes, except in exact mode on the CPU once
-        # the KV view reaches 512 cells (exactness.single_threads), where they get n_threads_long.
+        # the KV view reaches 512 cells (exactness.single_token_threads), where they get n_threads_kv_split.
         self.n_threads = self.n_threads_batch = n_threads
         self._measure_exact(exact, n_threads, fa, f32_kv, tk, tv)
         # every prompt row computed as a one-token decode: chunking and prefix reuse change nothing
@@ -304,18 +313,20 @@ class Engine:
         self._kv_epoch = -1
         if heads_path is not None:
             try:
-                self.heads = native.Heads(heads_path, model_path, n_threads, n_gpu_layers != 0, top_k=top_k)
+                # over RPC on the output layer's device, where the hidden state is computed
+                self.heads = native.Heads(heads_path, model_path, n_threads, n_gpu_layers != 0, top_k=top_k,
+                                          output_of=self.model if self.rpc_servers else None)
             except (RuntimeError, ValueError) as e:
                 raise HeadsError(str(e)) from None
         self._shapes: dict[tuple, tuple[Tree, object]] = {}
         # the tree for a KV cache past the split (see _replan); a fixed tree serves both
-        self.tree_long = self.tree
+        self.tree_kv_split = self.tree
         if self.auto and self.max_auto_nodes >= 2:
             self._tune(exactness.cache_key(model_path, n_threads=n_threads, flash_attn=fa, f32_kv=f32_kv, type_k=tk, type_v=tv,
-                                           n_gpu_layers=n_gpu_layers))
+                                           n_gpu_layers=n_gpu_layers, rpc_servers=self.rpc_servers))
 
     @staticmethod
-    def _load_model(model_path: str, n_gpu_layers: int):
+    def _load_model(model_path: str, n_gpu_layers: int, rpc_servers: Sequence[str] = ()):
         """The model, after a vocabulary-only probe that pre-checks the file (guards.gguf_file) and refuses
         recurrent and hybrid architectures; ModelLoadError naming the fault."""
         try:
@@ -329,7 +340,7 @@ class Engine:
             )
         del probe
         try:
-            return load_model(model_path, n_gpu_layers=n_gpu_layers, checked=True)
+            return load_model(model_path, n_gpu_layers=n_gpu_layers, checked=True, rpc_servers=rpc_servers)
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
 
@@ -349,9 +360,11 @@ class Engine:
             return
         try:  # the probe makes the first contexts: bad settings (a KV type, ...) fail here
             with _progress("measuring which batches this device computes exactly as one-token decodes"):
+                # never cached over RPC: the answer depends on the servers' devices, builds and
+                # threads, which their "host:port" does not identify
                 self.exact_batch, _ = exactness.exact_batch(self.model, self.model_path, n_threads=n_threads, flash_attn=fa,
                                                             f32_kv=f32_kv, n_gpu_layers=self.n_gpu_layers, type_k=tk,
-                                                            type_v=tv)
+                                                            type_v=tv, use_cache=not self.rpc_servers)
         except (RuntimeError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
         if self.exact_batch >= 2:
@@ -378,20 +391,20 @@ class Engine:
               "one-token decodes do (flash attention " + ("on" if self.flash_attn else "off") + "), " + then,
               file=sys.stderr)
 
-    def _single_threads_long(self) -> int:
+    def _single_threads_kv_split(self) -> int:
         """Threads exact mode gives a one-token decode past the split among tree steps on a CPU."""
         split = exactness.kv_may_split(self.ctx.type_k, self.ctx.type_v)
-        return exactness.single_threads(self.n_threads, exactness.SPLIT_FREE_CELLS + 1, split) \
+        return exactness.single_token_threads(self.n_threads, exactness.SPLIT_FREE_CELLS + 1, split) \
             if self.exact and not self._on_gpu else self.n_threads
 
     def _set_long_threads(self, trees: bool) -> None:
         """Threads of one-token decodes once the KV cache is past the split. ``trees``: whether any
-        tree may run. With one, in exact mode on a CPU, ``_single_threads_long``, so they are
+        tree may run. With one, in exact mode on a CPU, ``_single_threads_kv_split``, so they are
         computed as the tree's batched rows are (also a tree used only below the split: its last
         step may write rows past it, seen to change the text); without, all threads, as llama.cpp
         decodes plainly: then the text equals llama.cpp's on all threads, at its speed (a GGUF
         without heads, or heads whose auto tree does not pay)."""
-        self.n_threads_long = self._single_threads_long() if trees else self.n_threads
+        self.n_threads_kv_split = self._single_threads_kv_split() if trees else self.n_threads
         # A plain step there can instead decode its token with a scratch row after it (a 2-node
         # chain whose second cell is dropped at commit): row 0 is then a batched row, on all threads,
         # which the exact region makes bit-identical to the one-thread decode. Taken where the
@@ -399,8 +412,8 @@ class Engine:
         # Measured on the 2-core test machine (bench/plain_vs_llama.py): slower for SmolLM2 Q4_1,
         # whose 2-row products cost 1.8 one-row ones, so unmeasured (fixed trees) it stays off.
         costs = self.costs
-        self.pad_long = self.n_threads_long < self.n_threads and self.exact_batch >= 2 and (
-            costs is not None and costs.t_single_long > 0 and costs.decode(2) < costs.t_single_long)
+        self.pad_kv_split = self.n_threads_kv_split < self.n_threads and self.exact_batch >= 2 and (
+            costs is not None and costs.t_single_kv_split > 0 and costs.decode(2) < costs.t_single_kv_split)
 
     #: Device-side greedy (the graph takes each row's argmax; no raw logits come back): None is on
     #: a GPU, where copying every tree row's logits (64 x 49,152 floats for SmolLM2) costs a transfer;
@@ -421,13 +434,13 @@ class Engine:
         "verified": every committed token is the base model's argmax (or seeded draw) at its
         verified row, as in other speculative decoders; a batched row may round differently from a
         one-token decode, so the text can differ from plain decoding's at near-ties."""
-        trees = (self.auto and self.max_auto_nodes >= 2) or self.tree.n_nodes > 1 or self.tree_long.n_nodes > 1
+        trees = (self.auto and self.max_auto_nodes >= 2) or self.tree.n_nodes > 1 or self.tree_kv_split.n_nodes > 1
         return "bitwise" if not trees or (self.exact and self.exact_batch >= 2) else "verified"
 
     # tree="auto"'s state lives on ``autotree``; these read and write it there
     costs = delegate("costs", "tune.Costs measured for tree=\"auto\" (None: not tuned).")
     plan = delegate("plan", "tune.Plan of the auto tree now in use (None: not tuned).")
-    plan_long = delegate("plan_long", "tune.Plan past the split: the same tree as ``plan``.")
+    plan_kv_split = delegate("plan_kv_split", "tune.Plan past the split: the same tree as ``plan``.")
     live = delegate("live", "tune.LiveAcceptance refining the plan (None once trees are fixed).")
     live_costs = delegate("live_costs", "tune.LiveCosts refining the plan (None once trees are fixed).")
     max_auto_nodes = delegate("max_nodes", "Most nodes, root included, an auto tree may have here.")
@@ -441,11 +454,9 @@ class Engine:
         key = tune.cache_key(device_key, self.heads_path, at.max_nodes, self.ctx.n_ctx)
         prior = AutoTree.prior(self.heads_info.get("rank_accuracy"), self.heads.n_heads)
         with _progress("measuring what a verification step costs here, for tree=\"auto\""):
-            costs, _ = tune.cached_costs(key, lambda: at.measure(self.ctx, native, self.model, self.heads, prior,
-                                                                 n_threads=self.n_threads,
-                                                                 n_threads_long=self._single_threads_long()))
+            at.start_measured(key, self.ctx, native, self.model, self.heads, prior, n_threads=self.n_threads,
+                              n_threads_kv_split=self._single_threads_kv_split())
         self._n_threads_single = self.ctx.n_threads
-        at.start(costs, prior)
         self._replan()
 
     def _replan(self) -> None:
@@ -453,7 +464,7 @@ class Engine:
         threads of one-token decodes follow it (``_set_long_threads``)."""
         paths = self.autotree.replan(self.heads.n_heads)
         if tuple(tuple(x) for x in paths) != self.tree.paths:
-            self.tree = self.tree_long = Tree.from_paths(paths)
+            self.tree = self.tree_kv_split = Tree.from_paths(paths)
             self._shapes.clear()
         self._set_long_threads(self.tree.n_nodes > 1)
 
@@ -476,23 +487,23 @@ class Engine:
     #: cold start at near-ties; Medusa still equals plain decoding, which prefills the same way).
     MIN_EXACT_UBATCH = 32
 
-    def use_trees(self, tree, tree_long=None) -> None:
-        """Fixed trees from now on: ``tree`` while one-token decodes get all threads, ``tree_long``
+    def use_trees(self, tree, tree_kv_split=None) -> None:
+        """Fixed trees from now on: ``tree`` while one-token decodes get all threads, ``tree_kv_split``
         past the split (None: the same). Each is cut to the exact batch in exact mode and must fit
         the context's sequences (TreeError otherwise). Ends ``tree="auto"``'s planning."""
         out = []
-        for t in (tree, tree if tree_long is None else tree_long):
+        for t in (tree, tree if tree_kv_split is None else tree_kv_split):
             t = self._choose_tree(t) if not isinstance(t, Tree) else t
             if self.exact and self.exact_batch >= 2:
                 t = t.prefix(self.exact_batch)
             t.check(n_heads=self.heads.n_heads if self.heads else t.max_depth, n_seq_max=self.ctx.n_seq_max,
                     n_batch=self.ctx.n_batch)
             out.append(t)
-        self.tree, self.tree_long = out
+        self.tree, self.tree_kv_split = out
         self.auto = False
         self.autotree.stop()
         self._shapes.clear()
-        self._set_long_threads(self.tree.n_nodes > 1 or self.tree_long.n_nodes > 1)
+        self._set_long_threads(self.tree.n_nodes > 1 or self.tree_kv_split.n_nodes > 1)
 
     def _choose_tree(self, tree) -> Tree:
         """A fixed tree: the caller's; "heads" for the one stored in the heads file (else the
@@ -511,15 +522,15 @@ class Engine:
             return Tree.from_paths([])  # without heads there is nothing to tune
         return Tree.resolve(tree)
 
-    def _shape(self, long: bool, max_depth: int, max_nodes: int) -> tuple[Tree, object]:
-        """The tree (``tree_long`` if ``long``, else ``tree``) cut to ``max_depth`` and then to
+    def _shape(self, kv_split: bool, max_depth: int, max_nodes: int) -> tuple[Tree, object]:
+        """The tree (``tree_kv_split`` if ``kv_split``, else ``tree``) cut to ``max_depth`` and then to
         its first ``max_nodes`` nodes (node order is depth-first pre-order, so any prefix is still a
         tree), with its native shape. Called every step: the cache lookup comes first, trees are
         only built on a miss."""
-        full = self.tree_long if long else self.tree
+        full = self.tree_kv_split if kv_split else self.tree
         depth = min(max(max_depth, 0), full.max_depth)
         n_nodes = min(max(max_nodes, 1), full.n_within_depth(depth))
-        key = (long and full is not self.tree, depth, n_nodes)
+        key = (kv_split and full is not self.tree, depth, n_nodes)
         if key not in self._shapes:
             t = full.truncated(depth).prefix(n_nodes)
             self._shapes[key] = (t, native.TreeShape(t.depth.tolist(), [list(s) for s in t.seq_sets]))
@@ -527,8 +538,8 @@ class Engine:
 
     def _threads_for(self, n_cells: int) -> None:
         """Threads for a one-token decode after which the KV cache holds ``n_cells`` cells
-        (exactness.single_threads); llama.cpp only stores the numbers, so this is cheap."""
-        n = self.n_threads if n_cells <= exactness.SPLIT_FREE_CELLS else self.n_threads_long
+        (exactness.single_token_threads); llama.cpp only stores the numbers, so this is cheap."""
+        n = self.n_threads if n_cells <= exactness.SPLIT_FREE_CELLS else self.n_threads_kv_split
         if n != self._n_threads_single:
             self.ctx.set_threads(n, self.n_threads_batch)
             self._n_threads_single = n
@@ -577,6 +588,22 @@ class Engine:
         finally:
             self._release(token)
 
+    def hidden_state(self, ids: list[int]) -> np.ndarray:
+        """float32 [n_embd]: the base's post-final-norm hidden state at the last of ``ids`` (a
+        cold prefill), the input the heads read there. Takes the context as ``next_logits`` does
+        and leaves the KV cache empty."""
+        token = object()
+        self._claim(token)
+        try:
+            self._kv_tokens, self._kv_epoch = [], -1
+            self.ctx.truncate(0)
+            self.ctx.prefill([int(t) for t in ids], 0)
+            h = np.array(self.ctx.hidden(0), dtype=np.float32)
+            self.ctx.truncate(0)
+            return h
+        finally:
+            self._release(token)
+
     # -- the loop ------------------------------------------------------------------------------
     def generate(
         self,
@@ -606,8 +633,8 @@ class Engine:
             raise ValueError("the prompt is empty: pass at least one token (e.g. BOS)")
         if n_prompt >= self.n_ctx:
             raise ContextOverflowError(f"prompt has {n_prompt} tokens but the context holds {self.n_ctx}: shorten it or raise n_ctx")
-        def tree_depth(long: bool) -> int:
-            full = self.tree_long if long else self.tree
+        def tree_depth(kv_split: bool) -> int:
+            full = self.tree_kv_split if kv_split else self.tree
             return full.max_depth if max_depth is None else max(0, min(max_depth, full.max_depth))
 
         any_depth = max(tree_depth(False), tree_depth(True))
@@ -616,7 +643,7 @@ class Engine:
         budget = min(max_tokens, self.n_ctx - n_prompt)
         stats.n_prompt = n_prompt
         stats.exact = self.guarantee
-        n_heads = self.heads.n_heads if self.heads is not None else max(self.tree.max_depth, self.tree_long.max_depth)
+        n_heads = self.heads.n_heads if self.heads is not None else max(self.tree.max_depth, self.tree_kv_split.max_depth)
         stats.head_accepts = [0] * n_heads
         sampler = self._sampler(params)
         token = object()
@@ -657,16 +684,16 @@ class Engine:
                 remaining = budget - len(generated)
                 # the tree must fit both the tokens still wanted and the free KV cells; past the
                 # split one-token decodes are slower, and a tree may pay where it did not before
-                long = n_past + 1 > exactness.SPLIT_FREE_CELLS
-                depth = self.autotree.choose_depth(0 if row is None else tree_depth(long))
+                kv_split = n_past + 1 > exactness.SPLIT_FREE_CELLS
+                depth = self.autotree.choose_depth(0 if row is None else tree_depth(kv_split))
                 # near the end of the answer a CPU verifies only the depth still wanted (its cost
                 # grows with the nodes); a GPU keeps the tree's shape, so llama.cpp reuses the
                 # step's graph (and CUDA its captured graph) instead of rebuilding both
                 want = depth if self._on_gpu else min(remaining - 1, depth)
-                tree, shape = self._shape(long, want, self.n_ctx - n_past)
+                tree, shape = self._shape(kv_split, want, self.n_ctx - n_past)
                 ts = time.perf_counter()
                 committed, root, row, path = self.step(run, tree, shape, root, row, n_past)
-                self.autotree.observe(tree, path, time.perf_counter() - ts, long)
+                self.autotree.observe(tree, path, time.perf_counter() - ts, kv_split)
                 self._kv_tokens.extend(committed)
                 self._kv_epoch = self.ctx.epoch
                 n_past += len(committed)
@@ -718,11 +745,11 @@ class Engine:
 
     def _candidates(self, tree: Tree, shape, root: int, proposals: np.ndarray, n_past: int, stats: Stats):
         """The tokens and native shape a step verifies: the tree's candidates below ``root``; a
-        plain step past the split, with ``pad_long``, the root and a scratch row after it (a 2-node
+        plain step past the split, with ``pad_kv_split``, the root and a scratch row after it (a 2-node
         chain whose second cell ``_commit`` drops), so row 0 is a batched row on all threads."""
         if tree.n_nodes > 1:
             return tree.candidate_tokens(root, proposals), shape
-        if self.pad_long and n_past + 1 > exactness.SPLIT_FREE_CELLS and self.n_ctx - n_past >= 2:
+        if self.pad_kv_split and n_past + 1 > exactness.SPLIT_FREE_CELLS and self.n_ctx - n_past >= 2:
             stats.padded += 1
             return np.array([root, root], np.int32), self._chain_shape(2)
         return np.array([root], np.int32), shape

@@ -28,7 +28,7 @@ CANDIDATES = (63, 48, 32, 24, 16, 8, 4, 2)
 PROBE_PROMPTS = (16, 300)  # prompt lengths the probe decodes after: short, and past 256 KV cells
 
 def cache_key(model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool, n_gpu_layers: int,
-              type_k: int = -1, type_v: int = -1) -> str:
+              type_k: int = -1, type_v: int = -1, rpc_servers=()) -> str:
     import llama_cpp
 
     from medusa_edge.guards.hw import use_extra_bufts
@@ -39,6 +39,8 @@ def cache_key(model_path: str, *, n_threads: int, flash_attn: int, f32_kv: bool,
         f"kv={type_k},{type_v}",
         f"extra_bufts={int(use_extra_bufts())}", f"llama_cpp_python={llama_cpp.__version__}", native.system_info(),
     ]
+    if rpc_servers:  # a model split over RPC servers is another device (keys without them unchanged)
+        parts.append("rpc=" + ",".join(rpc_servers))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -48,7 +50,7 @@ def probe(model, *, n_threads: int, flash_attn: int, f32_kv: bool, max_batch: in
     batched decode equals, bit for bit, the same tokens decoded one at a time, or 1 if none;
     whether flash attention was on). ``flash_attn``: 1 on, 0 off, -1 llama.cpp's auto.
 
-    One-token decodes run on ``single_threads(n_threads, cells)`` threads and batches on
+    One-token decodes run on ``single_token_threads(n_threads, cells)`` threads and batches on
     ``n_threads``, as the engine's exact mode runs them. Measured after a short prompt (all threads)
     and after one long enough (PROBE_PROMPTS) that the KV cache spans 512 cells, where ggml-cpu's
     one-query attention would split the cells across threads (one thread)."""
@@ -70,7 +72,7 @@ def probe(model, *, n_threads: int, flash_attn: int, f32_kv: bool, max_batch: in
         ctx.prefill(prompt, 0, False)
         single = []
         for i in range(n):
-            ctx.set_threads(single_threads(n_threads, n_prompt + i + 1, split), n_threads)
+            ctx.set_threads(single_token_threads(n_threads, n_prompt + i + 1, split), n_threads)
             ctx.decode_tree(one, chain[i : i + 1], n_prompt + i)
             single.append(ctx.logits(0))
         exact = next((b for b in sizes if _rows_equal(ctx, chain, single, b, n_prompt)), 0)  # the largest
@@ -102,7 +104,7 @@ def kv_may_split(type_k: int, type_v: int) -> bool:
     return type_k in (GGML_F32, GGML_F16) and type_k == type_v
 
 
-def single_threads(n_threads: int, n_cells: int, split: bool = True) -> int:
+def single_token_threads(n_threads: int, n_cells: int, split: bool = True) -> int:
     """Threads for a one-token decode in exact mode on the CPU after which the KV cache holds
     ``n_cells`` cells: all ``n_threads`` while the attention view stays below 512 cells, where the
     one-query kernel is the batched rows' kernel; one beyond, where on more threads it splits the
@@ -139,14 +141,14 @@ def first_divergence(a: list, b: list) -> Optional[int]:
 def llama_cpp_baseline(engine, **kwargs):
     """llama-cpp-python's ``Llama`` on the engine's GGUF with the settings that decide its
     numerics (flash attention, micro-batch size, KV types, layers offloaded, AMX guard), so its greedy text is the plain
-    decoding the engine promises to equal. Its one-token decodes run on ``n_threads_long`` threads:
+    decoding the engine promises to equal. Its one-token decodes run on ``n_threads_kv_split`` threads:
     past 256 KV cells that is what the engine runs, and below it one thread and all give the same
-    bits (``single_threads``). ``kwargs`` go to ``Llama`` (n_ctx, seed, ...)."""
+    bits (``single_token_threads``). ``kwargs`` go to ``Llama`` (n_ctx, seed, ...)."""
     from medusa_edge.guards.hw import llama_cpp_llama
 
     kw = dict(flash_attn=engine.flash_attn, n_batch=engine.ctx.n_batch, n_ubatch=engine.ctx.n_ubatch,
               n_gpu_layers=engine.n_gpu_layers,
               type_k=engine.ctx.type_k, type_v=engine.ctx.type_v,
-              n_threads=engine.n_threads_long, n_threads_batch=engine.n_threads_batch, verbose=False)
+              n_threads=engine.n_threads_kv_split, n_threads_batch=engine.n_threads_batch, verbose=False)
     kw.update(kwargs)
     return llama_cpp_llama(engine.model_path, **kw)

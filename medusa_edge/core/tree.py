@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from medusa_edge.errors import MedusaError
+
 #: Candidates each head proposes per step (its top-k): the ranks a tree may use are 0..TOP_K-1. The
 #: reference's trees use ranks below 10 too; the trainer measures accuracy for these ranks.
 TOP_K = 10
@@ -33,7 +35,7 @@ TOP_K = 10
 Path = tuple[int, ...]
 
 
-class TreeError(ValueError):
+class TreeError(MedusaError, ValueError):
     """A tree that cannot be used: malformed, or too big for the heads or the context."""
 
 

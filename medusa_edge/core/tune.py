@@ -41,8 +41,8 @@ from medusa_edge.core.tree import TOP_K
 #: Batch sizes measured (capped by the context); dense where kernels switch on CPUs and GPUs.
 BATCHES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 #: The prior for heads files that carry no measured accuracies, per head the probability that rank
-#: r is right: top-1 0.60 / 0.45 / 0.35 / 0.30 per head, the Vicuna-7B Medusa-1 figures issue 12
-#: quotes (first head about 0.6, as the paper reports); the lower ranks and the fifth head are
+#: r is right: top-1 0.60 / 0.45 / 0.35 / 0.30 per head, the Vicuna-7B Medusa-1 figures
+#: (first head about 0.6, as the paper reports); the lower ranks and the fifth head are
 #: assumed, not taken from a publication. Live acceptance replaces the prior within a few
 #: hundred steps.
 VICUNA_7B_PROFILE = [
@@ -65,9 +65,9 @@ class Costs:
     t_host: float = 0.0  # host work of a tree step beside decode and heads (accept, commit, bookkeeping)
     t_host_plain: float = 0.0  # the same for a plain step
     rounds: int = 0
-    # a one-token decode once the KV cache is long, on the threads exact mode gives it there
-    # (exactness.single_threads); 0: as t(1)
-    t_single_long: float = 0.0
+    # a one-token decode past the split (more than SPLIT_FREE_CELLS cached), on the threads exact mode gives it there
+    # (exactness.single_token_threads); 0: as t(1)
+    t_single_kv_split: float = 0.0
     # share of the timed decodes for which llama.cpp reused its compute graph (as steps of one tree do)
     graph_reuse: float = 0.0
 
@@ -180,11 +180,11 @@ def tree_step_s(costs: Costs, n_nodes: int, depth: int) -> float:
 
 def plain_step_s(costs: Costs, long_context: bool = False) -> float:
     """Predicted seconds of a plain step (one token). ``long_context``: a plain step among tree
-    steps past 256 KV cells, which exact mode decodes on fewer threads (``t_single_long``) or,
+    steps past 256 KV cells, which exact mode decodes on fewer threads (``t_single_kv_split``) or,
     where that is faster, as the first row of a 2-token batch on all threads (``decode(2)``; the
-    engine's ``pad_long``)."""
-    if long_context and costs.t_single_long > 0:
-        t1 = min(costs.t_single_long, costs.decode(2)) if len(costs.batch) > 1 else costs.t_single_long
+    engine's ``pad_kv_split``)."""
+    if long_context and costs.t_single_kv_split > 0:
+        t1 = min(costs.t_single_kv_split, costs.decode(2)) if len(costs.batch) > 1 else costs.t_single_kv_split
     else:
         t1 = costs.decode(1)
     return t1 + costs.t_host_plain
@@ -273,7 +273,7 @@ class LiveAcceptance:
 # -- measurement --------------------------------------------------------------------------------
 def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past: int = 256, time_budget: float = 2.5,
                   tolerance: float = 0.03, min_rounds: int = 3, max_rounds: int = 20, burst: int = 3, warmup: int = 2,
-                  n_threads: Optional[int] = None, n_threads_long: Optional[int] = None,
+                  n_threads: Optional[int] = None, n_threads_kv_split: Optional[int] = None,
                   shape_of: Optional[Callable] = None, sizes: Optional[Sequence[int]] = None,
                   linear_cutoff: bool = True, gain: Optional[Callable] = None, deadline: float = 10.0) -> Costs:
     """Time verification forwards of B tokens after ``n_past`` cached tokens, as steps run them:
@@ -289,12 +289,12 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
     leaves room for live accuracies above the expected ones). ``deadline``: seconds for the whole
     measurement; where it ends the rounds early, the spreads say how far to trust the medians. ``sizes``: the B
     to measure (default ``BATCHES``), capped by the context. Every size runs on ``n_threads``; when
-    ``n_threads_long`` differs, a one-token decode on that many threads is timed in the same
-    rounds (``t_single_long``). Leaves the context empty, its threads at ``n_threads``."""
+    ``n_threads_kv_split`` differs, a one-token decode on that many threads is timed in the same
+    rounds (``t_single_kv_split``). Leaves the context empty, its threads at ``n_threads``."""
     t_begin = time.perf_counter()
     late = lambda: time.perf_counter() - t_begin > deadline  # noqa: E731
     threads = n_threads or ctx.n_threads_batch
-    long_threads = n_threads_long if n_threads_long and n_threads_long != threads else None
+    kv_split_threads = n_threads_kv_split if n_threads_kv_split and n_threads_kv_split != threads else None
     ctx.set_threads(threads, threads)
     tok = model.bos if model.bos >= 0 else 0
     n_past = max(0, min(n_past, ctx.n_ctx - max_batch - 1))
@@ -324,8 +324,8 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
             reused[1] += n
         return out
 
-    def burst_long() -> list:
-        ctx.set_threads(long_threads, threads)
+    def burst_kv_split() -> list:
+        ctx.set_threads(kv_split_threads, threads)
         try:
             return run_burst(1, burst)
         finally:
@@ -346,15 +346,15 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
             linear = 0
     sizes = kept
     samples = {b: [] for b in sizes}
-    keys = list(sizes) + (["long"] if long_threads else [])
-    samples["long"] = []
+    keys = list(sizes) + (["kv_split"] if kv_split_threads else [])
+    samples["kv_split"] = []
     t_start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds:
         for b in keys:
             if rounds and late():  # a busy machine: keep what the first round measured
                 break
-            samples[b].extend(burst_long() if b == "long" else run_burst(b, burst))
+            samples[b].extend(burst_kv_split() if b == "kv_split" else run_burst(b, burst))
         rounds += 1
         if late() or rounds >= min_rounds and (all(_spread(samples[b]) <= tolerance for b in keys)
                                                or time.perf_counter() - t_start > time_budget):
@@ -374,7 +374,7 @@ def measure_costs(ctx, native, model, heads=None, *, max_batch: int = 64, n_past
     return Costs(batch=sizes, t_decode=[statistics.median(samples[b]) for b in sizes],
                  spread=[round(_spread(samples[b]), 4) for b in sizes], t_heads=t_heads,
                  t_host=HOST_TREE_S, t_host_plain=HOST_PLAIN_S, rounds=rounds,
-                 t_single_long=statistics.median(samples["long"]) if long_threads else 0.0,
+                 t_single_kv_split=statistics.median(samples["kv_split"]) if kv_split_threads else 0.0,
                  graph_reuse=round(reused[0] / reused[1], 4) if reused[1] else 0.0)
 
 
@@ -438,7 +438,7 @@ def cache_key(exactness_key: str, heads_path: Optional[str], max_batch: int, n_c
     if heads_path:
         st = os.stat(heads_path)
         hid = f"{os.path.abspath(heads_path)}:{st.st_size}:{int(st.st_mtime)}"
-    return hashlib.sha256(f"costs=3|{exactness_key}|{hid}|{max_batch}|{n_ctx}".encode()).hexdigest()
+    return hashlib.sha256(f"costs=4|{exactness_key}|{hid}|{max_batch}|{n_ctx}".encode()).hexdigest()
 
 
 def cached_costs(key: str, measure) -> tuple[Costs, bool]:

@@ -2,7 +2,7 @@
 
 AMX: on Intel CPUs with AMX (Sapphire Rapids and later), llama.cpp 0c1e570 (llama-cpp-python
 0.3.36) segfaults in ``ggml_backend_amx_mul_mat`` on the first decode of a quantized model
-(upstream issue #20824; PR #16315 also reports wrong results for Q4_0/Q4_1). The AMX weight buffer
+(llama.cpp issue #20824; llama.cpp PR #16315 also reports wrong results for Q4_0/Q4_1). The AMX weight buffer
 is one of llama.cpp's "extra buffer types"; loading with ``use_extra_bufts = false`` avoids it. That
 also turns off the CPU repacking buffers (a real speed-up elsewhere), so the guard applies only
 where AMX is both compiled into ggml and present in the CPU.
@@ -20,6 +20,7 @@ import functools
 import os
 import sys
 import threading
+from typing import Sequence
 
 ENV_OVERRIDE = "MEDUSA_EDGE_EXTRA_BUFTS"
 
@@ -95,13 +96,16 @@ def llama_cpp_llama(model_path: str, **kwargs):
         return llama_cpp.Llama(model_path, **kwargs)
 
 
-def load_model(model_path: str, n_gpu_layers: int = 0, vocab_only: bool = False, checked: bool = False):
+def load_model(model_path: str, n_gpu_layers: int = 0, vocab_only: bool = False, checked: bool = False,
+               rpc_servers: Sequence[str] = ()):
     """A native ``Model``, the only way this package loads one: the file is first checked for the
     damage llama.cpp aborts on (gguf_file.check_model_file raises ValueError; ``checked=True``
-    skips it for a file just checked), then loaded with the AMX guard applied."""
+    skips it for a file just checked), then loaded with the AMX guard applied. ``rpc_servers``:
+    "host:port" of llama.cpp RPC servers the offloaded layers also split over, already checked
+    (core.rpc.check_servers: llama.cpp aborts the process on one that does not answer)."""
     from medusa_edge.guards import gguf_file
     from medusa_edge._loader import native
 
     if not checked:
         gguf_file.check_model_file(model_path)
-    return native.Model(model_path, n_gpu_layers, vocab_only, use_extra_bufts=use_extra_bufts())
+    return native.Model(model_path, n_gpu_layers, vocab_only, use_extra_bufts=use_extra_bufts(), rpc_servers=list(rpc_servers))

@@ -1,4 +1,4 @@
-"""``medusa-edge export HEADS.gguf OUT_DIR``: Medusa-1 heads in the layouts the serving engines load.
+"""Medusa-1 heads in the layouts the serving engines load (the command: ``medusa-edge export``, cli/export.py).
 
 Layouts (each written to its own subdirectory of OUT_DIR):
 
@@ -47,10 +47,8 @@ rebuild the same heads GGUF; the engines ignore it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -494,81 +492,3 @@ def _export_vllm(heads: HeadsFile, bm, d: str, dt: str, notes: list) -> LayoutRe
     copies = 1 if heads.shared_output else 0
     return LayoutResult("vllm", d, files, copies, heads.n_vocab * heads.n_embd * (4 if dt == "float32" else 2), notes)
 
-
-# -- command line ----------------------------------------------------------------------------------
-
-EPILOG = """\
-layouts (each in its own subdirectory of OUT_DIR):
-  faster-medusa  medusa_lm_head.safetensors + config.json: FasterDecoding/Medusa, TGI
-                 (text-generation-launcher --model-id OUT_DIR/faster-medusa) and TensorRT-LLM
-                 (examples/medusa/convert_checkpoint.py --medusa_model_dir OUT_DIR/faster-medusa
-                  --num_medusa_heads N --num_medusa_layers L; older versions: --fixed_num_medusa_heads N)
-  vllm           model.safetensors + config.json: vllm serve BASE --speculative-config
-                 '{"method": "medusa", "model": "OUT_DIR/vllm", "num_speculative_tokens": N}'
-
-Shared-output heads (the trainer's default) need --base: the engines read the output matrix from the
-checkpoint, so it is written there (one copy per head for faster-medusa, one for vllm).
-Root-input heads cannot be exported: train with `python -m medusa_edge.training.train ... --no-root-input`.
-See docs/scaling.md.
-"""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Write Medusa heads (a heads GGUF) in the Hugging Face layouts vLLM, TGI and TensorRT-LLM "
-                     "load. Exit codes: 0 done, 1 unreadable or mismatched input, 2 heads that cannot be exported "
-                     "as given (root input, or --base missing).")
-    p.epilog = EPILOG
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("heads", metavar="HEADS.gguf", help="the heads GGUF (e.g. model.medusa.gguf)")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write; each layout goes to OUT_DIR/<layout>/")
-    p.add_argument("--layout", choices=(*LAYOUTS, "all"), default="all", help="which layout to write (default all)")
-    p.add_argument("--base", metavar="MODEL.gguf", help="the base model GGUF; required for shared-output heads, whose "
-                   "output matrix is copied from it")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="matrix dtype (default auto: float16 for f16 "
-                   "heads, float32 for f32 and q8_0 heads, both exact). Biases stay float32")
-    p.add_argument("--base-model-id", metavar="ID", help="base_model_name_or_path for config.json (the base's Hugging "
-                   "Face id or dir, which TGI loads); default: from the base GGUF's metadata if it names one")
-
-
-def run(args) -> int:
-    layouts = LAYOUTS if args.layout == "all" else (args.layout,)
-    try:
-        results = export(args.heads, args.out_dir, layouts, args.base, args.dtype, args.base_model_id)
-    except ExportError as e:
-        print(f"medusa-edge export: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except MedusaError as e:
-        print(f"medusa-edge export: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"medusa-edge export: error: {e}", file=sys.stderr)
-        return 1
-    for r in results:
-        print(f"{r.layout:14s} {r.directory}  {_human(r.total_bytes)}")
-        for name, n in r.files.items():
-            print(f"  {name:28s} {_human(n)}")
-        if r.output_copies:
-            print(f"  includes {r.output_copies} cop{'y' if r.output_copies == 1 else 'ies'} of the base's output matrix "
-                  f"({_human(r.output_copy_bytes)} each, {_human(r.output_copies * r.output_copy_bytes)} in all)")
-    for n in dict.fromkeys(n for r in results for n in r.notes):
-        print(f"note: {n}", file=sys.stderr)
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="medusa-edge export")
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-def _human(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if x < 1024 or unit == "GiB":
-            return f"{int(x)} B" if unit == "B" else f"{x:.2f} {unit}"
-        x /= 1024
-    return str(n)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -12,6 +12,9 @@ reasoning puzzles, discussion, writing under a constraint). It is deterministic 
 Held-out split: every topic belongs to one split (a fixed hash of its text), so held-out
 prompts are about topics the training prompts never mention, not paraphrases of them.
 Nothing here is taken from MT-Bench; the benchmark prompts stay unseen.
+
+``load_prompts`` reads a prompt list back (this generator's JSONL, MT-Bench's, chat logs): the
+one loader of the trainer, ``medusa-edge verify`` and ``medusa-edge bench``.
 """
 
 from __future__ import annotations
@@ -309,6 +312,59 @@ def generate(n: int, seed: int = 0, split: str = "train", heldout_frac: float = 
                  lambda rng: _fields_more(rng, pools)) if n_more else []
     more = [t for t in more if t not in seen][:n_more]
     return out + more
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load_prompts(path: str) -> list:
+    """Prompts from a JSONL file, one per non-blank line, in order: a bare JSON string, or an
+    object with a "prompt" or "text" string, "turns" (a list of user turns, as in MT-Bench: the
+    first is used) or "messages" (``[{"role", "content"}...]``, returned as that list of dicts;
+    every other form gives a str), the first of these fields present winning. ValueError naming
+    ``path:line`` for a line that is none of these, and for a file without prompts."""
+    out: list = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            out.append(_prompt_of(obj, f"{path}:{n}"))
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+def prompt_messages(prompt) -> list:
+    """A loaded prompt as chat messages: a str becomes one user message."""
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_text(prompt) -> str:
+    """A loaded prompt as plain text: a message list gives its contents, one per line."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def _prompt_of(obj, where: str):
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("prompt", "text"):
+            if isinstance(obj.get(key), str):
+                return obj[key]
+        turns = obj.get("turns")
+        if isinstance(turns, list) and turns:
+            if not isinstance(turns[0], str):
+                raise ValueError(f'{where}: "turns" must start with a string')
+            return turns[0]
+        msgs = obj.get("messages")
+        if isinstance(msgs, list) and msgs:
+            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                raise ValueError(f'{where}: every entry of "messages" needs a "role" and a "content"')
+            return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+    raise ValueError(f'{where}: expected a JSON string or an object with a "prompt", "text", "turns" or "messages" field')
 
 
 def main(argv=None) -> int:
