@@ -182,6 +182,10 @@ class Embedder:
     def embed(self, seqs: list[list[int]]) -> list[npt.NDArray[np.float32]]:
         """One float32 array per token sequence: [n_tokens, n_embd] without pooling, else [n_embd]; ValueError for too many."""
 
+def heads_metadata(path: str) -> dict:
+    """The heads file's metadata as Heads validates it (schema_version, n_heads, n_layers, n_embd, n_vocab, n_draft, shared_output, root_input, draft_vocab or None); ValueError naming the file otherwise."""
+def heads_schema_version() -> int:
+    """The newest heads schema this build reads."""
 class Heads:
     def __init__(self, path: str, model_path: str, n_threads: int, use_gpu: bool = False, top_k: int = 0,
                  output_of: Optional["Model"] = None) -> None:

@@ -192,6 +192,22 @@ PYBIND11_MODULE(_native, m) {
              "Draw a token from output row `row` of ctx's last decode and accept it into the chain (penalty history, "
              "grammar state); ValueError when the grammar allows no token.");
 
+    m.def("heads_metadata",
+          [](const std::string &path) {
+              const HeadsMeta h = HeadsMeta::read(GgufFile(path, "heads file"));
+              py::dict d;
+              d["schema_version"] = h.version, d["n_heads"] = h.n_heads, d["n_layers"] = h.n_layers;
+              d["n_embd"] = h.n_embd, d["n_vocab"] = h.n_vocab, d["n_draft"] = h.n_draft;
+              d["shared_output"] = h.shared_output, d["root_input"] = h.root_input;
+              d["draft_vocab"] = h.draft_vocab.empty() ? py::object(py::none())
+                                                       : py::object(py::array_t<int32_t>((py::ssize_t)h.draft_vocab.size(), h.draft_vocab.data()));
+              return d;
+          },
+          py::arg("path"),
+          "The heads file's metadata as Heads validates it (schema_version, n_heads, n_layers, n_embd, n_vocab, "
+          "n_draft, shared_output, root_input, draft_vocab: an int32 array or None); ValueError naming the file "
+          "and the key for anything invalid. Reads no tensor data.");
+    m.def("heads_schema_version", []() { return HeadsMeta::kSchemaVersion; }, "The newest heads schema this build reads.");
     m.def("gguf_metadata", [](const std::string &path, const std::string &what) { return GgufFile(path, what).to_python(); },
           py::arg("path"), py::arg("what") = "GGUF file",
           "A GGUF file's key/values and tensor table, read by ggml's size-bounded gguf reader (no tensor data). "

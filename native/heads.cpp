@@ -78,27 +78,61 @@ void Heads::load(const std::string &model_path, bool use_gpu, int32_t top_k, ggm
     if (top_k > 0) build(std::min<int32_t>(top_k, n_draft), n_heads, true);
 }
 
-void Heads::parse(const std::string &model_path) {
-    GgufFile hf(path, "heads file");
+static void read_draft_vocab(const GgufFile &hf, HeadsMeta &m) {
+    m.n_draft = m.n_vocab;
+    const int64_t version = m.version;
+    const char *key = "medusa.draft_vocab";
+    const int64_t id = gguf_find_key(hf.g, key);
+    if (id < 0) return;
+    if (version < 3) hf.fail(std::string(key) + " needs schema version 3, the file says " + std::to_string(version));
+    if (gguf_get_kv_type(hf.g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(hf.g, id) != GGUF_TYPE_INT32)
+        hf.fail(std::string("key ") + key + " is of type " + gguf_kv_type_label(hf.g, id) + ", not an array of i32");
+    const size_t n = gguf_get_arr_n(hf.g, id);
+    if (n < 1 || n > (size_t)m.n_vocab)
+        hf.fail(std::string(key) + " has " + std::to_string(n) + " ids, not 1 to n_vocab = " + std::to_string(m.n_vocab));
+    const int32_t *v = (const int32_t *)gguf_get_arr_data(hf.g, id);
+    for (size_t i = 0; i < n; ++i) {
+        if (v[i] < 0 || v[i] >= m.n_vocab)
+            hf.fail(std::string(key) + "[" + std::to_string(i) + "] = " + std::to_string(v[i]) + " is outside [0, " +
+                    std::to_string(m.n_vocab) + ")");
+        if (i > 0 && v[i] <= v[i - 1])
+            hf.fail(std::string(key) + " is not strictly increasing (ids " + std::to_string(v[i - 1]) + ", " +
+                    std::to_string(v[i]) + " at " + std::to_string(i - 1) + ", " + std::to_string(i) + "): ids must be unique and sorted");
+    }
+    m.draft_vocab.assign(v, v + n);
+    m.n_draft = (int32_t)n;
+}
+
+HeadsMeta HeadsMeta::read(const GgufFile &hf) {
+    HeadsMeta m;
     if (hf.get_str("general.architecture", "") != "medusa")
         hf.fail("general.architecture is not 'medusa' (is this a base model?)");
     const int64_t one = 1;
-    const int64_t version = hf.get_int("medusa.schema_version", 1, INT32_MAX, &one);
-    if (version > kSchemaVersion)
-        hf.fail("schema version " + std::to_string(version) + " is newer than this medusa-edge (" + std::to_string(kSchemaVersion) + ")");
-    n_heads = (int32_t)hf.get_int("medusa.head_count", 1, kMaxHeads);
-    n_layers = (int32_t)hf.get_int("medusa.block_count", 0, kMaxLayers);
-    n_embd = (int32_t)hf.get_int("medusa.embedding_length", 1, kMaxDim);
-    n_vocab = (int32_t)hf.get_int("medusa.vocab_size", 1, kMaxDim);
-    shared_output = hf.get_bool("medusa.shared_output", false);
-    root_input = hf.get_bool("medusa.root_input", false);
-    if (root_input && n_layers < 1) hf.fail("medusa.root_input is set but the heads have no ResBlock to read the root token");
-    parse_draft_vocab(hf, version);
-    const int64_t needed = (int64_t)n_heads * (2 * n_layers + (shared_output ? 0 : 1));  // <= 256 * 513
+    m.version = hf.get_int("medusa.schema_version", 1, INT32_MAX, &one);
+    if (m.version > kSchemaVersion)
+        hf.fail("schema version " + std::to_string(m.version) + " is newer than this medusa-edge (" + std::to_string(kSchemaVersion) + ")");
+    m.n_heads = (int32_t)hf.get_int("medusa.head_count", 1, kMaxHeads);
+    m.n_layers = (int32_t)hf.get_int("medusa.block_count", 0, kMaxLayers);
+    m.n_embd = (int32_t)hf.get_int("medusa.embedding_length", 1, kMaxDim);
+    m.n_vocab = (int32_t)hf.get_int("medusa.vocab_size", 1, kMaxDim);
+    m.shared_output = hf.get_bool("medusa.shared_output", false);
+    m.root_input = hf.get_bool("medusa.root_input", false);
+    if (m.root_input && m.n_layers < 1) hf.fail("medusa.root_input is set but the heads have no ResBlock to read the root token");
+    read_draft_vocab(hf, m);
+    const int64_t needed = (int64_t)m.n_heads * (2 * m.n_layers + (m.shared_output ? 0 : 1));  // <= 256 * 513
     if (needed > gguf_get_n_tensors(hf.g))
-        hf.fail("the metadata asks for " + std::to_string(needed) + " tensors (" + std::to_string(n_heads) + " heads, " +
-                std::to_string(n_layers) + " layers" + (shared_output ? ", shared output" : "") + ") but the file has " +
+        hf.fail("the metadata asks for " + std::to_string(needed) + " tensors (" + std::to_string(m.n_heads) + " heads, " +
+                std::to_string(m.n_layers) + " layers" + (m.shared_output ? ", shared output" : "") + ") but the file has " +
                 std::to_string(gguf_get_n_tensors(hf.g)));
+    return m;
+}
+
+void Heads::parse(const std::string &model_path) {
+    GgufFile hf(path, "heads file");
+    const HeadsMeta m = HeadsMeta::read(hf);
+    n_heads = m.n_heads, n_layers = m.n_layers, n_embd = m.n_embd, n_vocab = m.n_vocab;
+    shared_output = m.shared_output, root_input = m.root_input;
+    draft_vocab = m.draft_vocab, n_draft = m.n_draft;
 
     // Tensor `name` of `src`, required to be [ne0, ne1] of an allowed type (matrices: matrix_type_ok,
     // biases: F32, as medusa_edge/heads/writer.py writes them).
@@ -161,30 +195,6 @@ void Heads::parse(const std::string &model_path) {
     }
 }
 
-void Heads::parse_draft_vocab(const GgufFile &hf, int64_t version) {
-    draft_vocab.clear();
-    n_draft = n_vocab;
-    const char *key = "medusa.draft_vocab";
-    const int64_t id = gguf_find_key(hf.g, key);
-    if (id < 0) return;
-    if (version < 3) hf.fail(std::string(key) + " needs schema version 3, the file says " + std::to_string(version));
-    if (gguf_get_kv_type(hf.g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(hf.g, id) != GGUF_TYPE_INT32)
-        hf.fail(std::string("key ") + key + " is of type " + gguf_kv_type_label(hf.g, id) + ", not an array of i32");
-    const size_t n = gguf_get_arr_n(hf.g, id);
-    if (n < 1 || n > (size_t)n_vocab)
-        hf.fail(std::string(key) + " has " + std::to_string(n) + " ids, not 1 to n_vocab = " + std::to_string(n_vocab));
-    const int32_t *v = (const int32_t *)gguf_get_arr_data(hf.g, id);
-    for (size_t i = 0; i < n; ++i) {
-        if (v[i] < 0 || v[i] >= n_vocab)
-            hf.fail(std::string(key) + "[" + std::to_string(i) + "] = " + std::to_string(v[i]) + " is outside [0, " +
-                    std::to_string(n_vocab) + ")");
-        if (i > 0 && v[i] <= v[i - 1])
-            hf.fail(std::string(key) + " is not strictly increasing (ids " + std::to_string(v[i - 1]) + ", " +
-                    std::to_string(v[i]) + " at " + std::to_string(i - 1) + ", " + std::to_string(i) + "): ids must be unique and sorted");
-    }
-    draft_vocab.assign(v, v + n);
-    n_draft = (int32_t)n;
-}
 
 void Heads::init_backend(bool use_gpu, ggml_backend_dev_t device) {
     if (device) {

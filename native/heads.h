@@ -12,11 +12,27 @@
 // before any device memory is taken. The weights go to the backend of the model's device; if that
 // device cannot run an op of the heads graph, the heads run on the CPU instead (see build()).
 
-struct Heads {
+// The heads file's metadata, every value type- and range-checked: the one validator of these keys,
+// used by Heads::parse and (through the heads_metadata binding) by medusa_edge/heads/check.py, which
+// adds the keys only Python reads (tree, rank accuracies, base vocabulary hash).
+struct HeadsMeta {
     // Bounds on the metadata: far above any real head set, and they keep all size arithmetic in
     // int64 (n_heads * (2 * n_layers + 1) tensors; an [n_embd, n_vocab] matrix must also fit the file).
     static constexpr int64_t kMaxHeads = 256, kMaxLayers = 256, kMaxDim = (int64_t(1) << 24) - 1;
-    static constexpr int64_t kSchemaVersion = 3;  // medusa_edge/heads/schema.py SCHEMA_VERSION
+    static constexpr int64_t kSchemaVersion = 3;  // medusa_edge/heads/schema.py SCHEMA_VERSION (a test compares them)
+
+    int64_t version = 1;
+    int32_t n_heads = 0, n_layers = 0, n_embd = 0, n_vocab = 0;
+    bool shared_output = false, root_input = false;
+    std::vector<int32_t> draft_vocab;  // schema 3: strictly increasing ids; empty: every token
+    int32_t n_draft = 0;               // rows the heads score: draft_vocab's size, n_vocab without one
+
+    // ValueError (std::invalid_argument) naming the file and the key for anything out of bounds,
+    // and when the file has fewer tensors than the metadata asks for.
+    static HeadsMeta read(const GgufFile &hf);
+};
+
+struct Heads {
 
     std::string path;
     int32_t n_heads = 0, n_layers = 0, n_embd = 0, n_vocab = 0;
@@ -96,7 +112,6 @@ struct Heads {
 
     // medusa.draft_vocab (schema 3): an i32 array of 1 to n_vocab full ids, each in [0, n_vocab),
     // strictly increasing (so unique). Anything else is one clear error naming the key.
-    void parse_draft_vocab(const GgufFile &hf, int64_t version);
 
     // The backend of the device that holds the model's layers when offloading, else the CPU.
     //

@@ -195,3 +195,11 @@ def test_one_pass_equals_heads_one_at_a_time(models, tmp_path, shared_output, he
         for i in range(3):
             ia, la = alone[i].propose_hidden(h, 10, 1, 5 + j)
             assert np.array_equal(ids[i], ia[0]) and np.array_equal(logp[i], la[0]), (i, j)
+
+
+def test_one_heads_schema_version():
+    """The writer's newest schema is the one the native validator reads."""
+    from medusa_edge._loader import native
+    from medusa_edge.heads import schema
+
+    assert native.heads_schema_version() == schema.SCHEMA_VERSION

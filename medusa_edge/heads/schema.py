@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-SCHEMA_VERSION = 3  # the newest this code reads (native kSchemaVersion); written: 3 with a draft
+SCHEMA_VERSION = 3  # the newest this code reads (native HeadsMeta::kSchemaVersion, compared by a test); written: 3 with a draft
 # vocabulary, else 2 with root_input, else 1
 ARCH = "medusa"
 

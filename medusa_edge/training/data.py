@@ -46,6 +46,7 @@ import time
 
 import numpy as np
 
+from medusa_edge.core.cache import file_digest
 from medusa_edge.training.prompts import prompt_messages, prompt_text
 
 DATA_FORMAT = "medusa-edge-heads-data"
@@ -57,15 +58,9 @@ def _sha256_json(obj) -> str:
 
 
 def base_file_id(path: str) -> dict:
-    """Identity of a GGUF file, cheap for multi-GB files: size and sha256 of its first and last MiB."""
-    size = os.path.getsize(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > (2 << 20):
-            f.seek(size - (1 << 20))
-        h.update(f.read(1 << 20))
-    return {"size": size, "sha256_head_tail": h.hexdigest()}
+    """Identity of a GGUF file, cheap for multi-GB files (core.cache.file_digest)."""
+    size, digest = file_digest(path)
+    return {"size": size, "sha256_head_tail": digest}
 
 
 # -- base model access ---------------------------------------------------------------------------
