@@ -5,6 +5,7 @@ within the file's bounds build a graph that fits."""
 import numpy as np
 import pytest
 
+from medusa_edge.core.tree import TOP_K
 from medusa_edge import Engine, SamplingParams
 from medusa_edge._loader import native
 from medusa_edge.testing import heads_reference, write_random_heads
@@ -22,10 +23,10 @@ def test_fallback_to_cpu_when_the_device_lacks_an_op(models, tmp_path, monkeypat
     base = models["f32"]
     hw = write_random_heads(str(tmp_path / "h.medusa.gguf"), base, n_heads=3, seed=11, shared_output=shared)
     monkeypatch.delenv(HOOK, raising=False)
-    normal = native.Heads(hw.path, base.path, 1)
+    normal = native.Heads(hw.path, base.path, 1, top_k=TOP_K)
     assert not normal.on_fallback and "fallback" not in normal.backend
     monkeypatch.setenv(HOOK, "TOP_K")  # e.g. ggml_top_k over a large vocabulary on CUDA without CUB
-    fb = native.Heads(hw.path, base.path, 1)
+    fb = native.Heads(hw.path, base.path, 1, top_k=TOP_K)  # builds the first graph at load: falls back here
     assert fb.on_fallback and "fallback" in fb.backend and "lacks TOP_K" in fb.backend, fb.backend
     assert capfd.readouterr().err.count("the Medusa heads run on the CPU") == 1  # said once
     for k in (10, 3, 40):  # new graphs (other k, fewer heads) stay on the fallback, silently

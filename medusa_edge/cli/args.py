@@ -7,6 +7,7 @@ that ``bench`` and ``serve`` run. One spelling per flag, llama.cpp's (``-c/--ctx
 ``-ngl/--n-gpu-layers``, ``--temp``); the spellings commands took before stay accepted as hidden
 aliases (``hidden_alias``), so old command lines keep working.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from medusa_edge.errors import MedusaError
-from medusa_edge.heads.export import DTYPES, LAYOUTS, ExportError, export
+from medusa_edge.heads.export import DTYPES, LAYOUTS, ExportError, export, human_bytes
 
 EPILOG = """\
 layouts (each in its own subdirectory of OUT_DIR):
@@ -59,12 +59,12 @@ def run(args) -> int:
         print(f"medusa-edge export: error: {e}", file=sys.stderr)
         return 1
     for r in results:
-        print(f"{r.layout:14s} {r.directory}  {_human(r.total_bytes)}")
+        print(f"{r.layout:14s} {r.directory}  {human_bytes(r.total_bytes)}")
         for name, n in r.files.items():
-            print(f"  {name:28s} {_human(n)}")
+            print(f"  {name:28s} {human_bytes(n)}")
         if r.output_copies:
             print(f"  includes {r.output_copies} cop{'y' if r.output_copies == 1 else 'ies'} of the base's output matrix "
-                  f"({_human(r.output_copy_bytes)} each, {_human(r.output_copies * r.output_copy_bytes)} in all)")
+                  f"({human_bytes(r.output_copy_bytes)} each, {human_bytes(r.output_copies * r.output_copy_bytes)} in all)")
     for n in dict.fromkeys(n for r in results for n in r.notes):
         print(f"note: {n}", file=sys.stderr)
     return 0
@@ -74,15 +74,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="medusa-edge export")
     add_arguments(p)
     return run(p.parse_args(argv))
-
-
-def _human(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if x < 1024 or unit == "GiB":
-            return f"{int(x)} B" if unit == "B" else f"{x:.2f} {unit}"
-        x /= 1024
-    return str(n)
 
 
 if __name__ == "__main__":  # pragma: no cover

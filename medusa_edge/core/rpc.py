@@ -106,8 +106,9 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[int, int, in
                        "time, and another client may hold it") from None
     except ConnectionRefusedError:
         raise RpcError(f"RPC server {endpoint}: nothing listens there; {start}") from None
-    except (OSError, EOFError) as e:
-        raise RpcError(f"RPC server {endpoint}: {e.strerror or e}") from None
+    except (OSError, EOFError) as e:  # reset, closed, unreachable, unresolvable
+        raise RpcError(f"RPC server {endpoint}: {getattr(e, 'strerror', None) or e}; is it a llama.cpp RPC server? "
+                       f"({start})") from None
     if len(body) < 3:
         raise RpcError(f"{endpoint} is not a llama.cpp RPC server (it answered HELLO with {size} bytes)")
     got = (body[0], body[1], body[2])
@@ -123,7 +124,7 @@ def _recv(s: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = s.recv(n - len(buf))
         if not chunk:
-            raise EOFError("the connection closed during HELLO (not a llama.cpp RPC server?)")
+            raise EOFError("it closed the connection during HELLO")
         buf += chunk
     return buf
 

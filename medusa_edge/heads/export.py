@@ -403,7 +403,7 @@ def export(heads_path: str, out_dir: str, layouts: Sequence[str] = LAYOUTS, base
         if base is None:
             raise BaseRequiredError(
                 f"{heads_path}: these heads reuse the base model's output matrix, which the engines need written "
-                f"into the checkpoint ({_human(heads.n_vocab * heads.n_embd * (4 if dt == 'float32' else 2))} per copy "
+                f"into the checkpoint ({human_bytes(heads.n_vocab * heads.n_embd * (4 if dt == 'float32' else 2))} per copy "
                 "in " + dt + "): pass --base MODEL.gguf, the model the heads were trained on"
             )
         bm = read_base_matrix(base, heads)
@@ -492,3 +492,12 @@ def _export_vllm(heads: HeadsFile, bm, d: str, dt: str, notes: list) -> LayoutRe
     copies = 1 if heads.shared_output else 0
     return LayoutResult("vllm", d, files, copies, heads.n_vocab * heads.n_embd * (4 if dt == "float32" else 2), notes)
 
+
+def human_bytes(n: int) -> str:
+    """A byte count as people read it: 512 B, 1.50 KiB, ..., GiB at most."""
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if x < 1024 or unit == "GiB":
+            return f"{int(x)} B" if unit == "B" else f"{x:.2f} {unit}"
+        x /= 1024
+    return str(n)

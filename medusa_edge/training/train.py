@@ -99,8 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cache", help="data cache directory (default: OUTPUT without .gguf, plus .data)")
     g.add_argument("--parallel", type=int, default=32,
                    help="sequences generated at once in one llama.cpp batch (default 32; 1 = one at a time)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all)")
-    g.add_argument("--gpu-layers", type=int, default=0, help="layers of the base to offload during generation")
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all)")
+    g.add_argument("-ngl", "--n-gpu-layers", dest="gpu_layers", type=int, default=0,
+                   help="layers of the base to offload during generation")
+    g.add_argument("--gpu-layers", dest="gpu_layers", type=int, help=argparse.SUPPRESS)  # the old spelling
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the training rows)")
     g.add_argument("--epochs", type=float, default=2.0, help="passes over the data when --steps is not given (default 2)")
@@ -455,8 +457,9 @@ def parse_restrict_args(argv) -> argparse.Namespace:
     p.add_argument("--max-prompts", type=int)
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--parallel", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--gpu-layers", type=int, default=0)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-ngl", "--n-gpu-layers", dest="gpu_layers", type=int, default=0)
+    p.add_argument("--gpu-layers", dest="gpu_layers", type=int, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
