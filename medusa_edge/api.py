@@ -23,7 +23,8 @@ from medusa_edge import chat_template
 from medusa_edge.heads import schema
 from medusa_edge import tools as _tools
 from medusa_edge import grammar as _grammar
-from medusa_edge.core.engine import Engine, Proposer, SamplingParams, Stats, normalize_logit_bias
+from medusa_edge.core.engine import Engine
+from medusa_edge.core.params import Proposer, SamplingParams, Stats, normalize_logit_bias
 from medusa_edge.errors import ClosedError
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED

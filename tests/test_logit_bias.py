@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medusa_edge import Engine, Medusa, SamplingParams, Stats
-from medusa_edge.core.engine import MAX_LOGIT_BIAS, normalize_logit_bias
+from medusa_edge.core.params import MAX_LOGIT_BIAS, normalize_logit_bias
 from medusa_edge.core.exactness import first_divergence, llama_cpp_baseline
 from medusa_edge.testing import _WORDS, quantized_test_model, truth_proposer
 

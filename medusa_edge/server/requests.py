@@ -340,7 +340,7 @@ def grammar_of(body: dict, engine) -> Optional[str]:
 def logit_bias_of(body: dict, n_vocab: int) -> Optional[dict]:
     """``logit_bias`` checked here (token ids in the vocabulary, finite numbers, a bounded count),
     so that a bad one is a 400 naming the field before anything is queued."""
-    from medusa_edge.core.engine import normalize_logit_bias
+    from medusa_edge.core.params import normalize_logit_bias
 
     v = body.get("logit_bias")
     if v is None:
