@@ -7,9 +7,9 @@ from medusa_edge.default_model import default_model
 from medusa_edge.heads.writer import draft_vocab_from_counts, restrict_heads_file
 from medusa_edge._loader import native
 
-W = sys.argv[1] if len(sys.argv) > 1 else "/tmp/dv"  # holds prompts.jsonl (prompt_gen -n 240 --seed 0)
+W = sys.argv[1] if len(sys.argv) > 1 else "/tmp/dv"  # holds prompts.jsonl (medusa-edge prompts -n 240 --seed 0)
 BASE, HEADS = default_model()
-# 1. frequencies: greedy answers to prompt_gen prompts (the shipped heads' training cache is not here)
+# 1. frequencies: greedy answers to medusa-edge prompts (the shipped heads' training cache is not here)
 a = th.parse_restrict_args([HEADS, BASE, "--draft-vocab", "8192", "--data", f"{W}/prompts.jsonl", "--cache", f"{W}/freq.data",
                             "-o", f"{W}/heads-8k.medusa.gguf", "--threads", "2", "--quiet"])
 t0 = time.time()

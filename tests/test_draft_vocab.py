@@ -259,7 +259,7 @@ def test_draft_targets_and_coverage_by_hand():
 
 
 def test_restrict_command_keeps_heads_and_reuses_the_cache(loopy, capsys):
-    """`train_heads restrict`: frequencies from the base's answers (the training cache, reused), the
+    """`medusa-edge train restrict`: frequencies from the base's answers (the training cache, reused), the
     file restricted without retraining, and its top-k is the original's restricted."""
     from medusa_edge.training import train as th
 

@@ -298,7 +298,7 @@ def test_root_input_heads_are_refused(tmp_path, bases, capsys):
     rc = cli_main(["export", str(src), str(tmp_path / "out2"), "--base", base.path])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "root input" in err and "python -m medusa_edge.training.train" in err and "--no-root-input" in err
+    assert "root input" in err and "medusa-edge train" in err and "--no-root-input" in err
 
 
 def test_no_root_input_is_a_real_trainer_option():

@@ -1,4 +1,4 @@
-"""Medusa-1 heads training (python -m medusa_edge.training.train) on tiny GGUF bases.
+"""Medusa-1 heads training (medusa-edge train) on tiny GGUF bases.
 
 The base is a random-weight Llama whose blocks add little to the residual stream
 (``residual_scale=0.1``): its greedy text falls into loops, so what it writes 2-4 tokens ahead

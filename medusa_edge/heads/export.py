@@ -380,7 +380,7 @@ def refuse_root_input(heads: HeadsFile) -> None:
         raise RootInputHeadsError(
             f"{heads.path}: these heads read the embedding of the base's own next token (root input), which "
             "vLLM, TGI and TensorRT-LLM do not implement, so they cannot be exported. Train standard heads with "
-            "`python -m medusa_edge.training.train BASE.gguf --data PROMPTS.jsonl --no-root-input` and export those"
+            "`medusa-edge train BASE.gguf --data PROMPTS.jsonl --no-root-input` and export those"
         )
 
 

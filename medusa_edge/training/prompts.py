@@ -1,6 +1,6 @@
 """Assistant-style prompts for self-distillation: what people ask a chat model, generated.
 
-    python -m medusa_edge.training.prompts -n 3000 --seed 0 -o prompts.jsonl [--heldout heldout.jsonl]
+    medusa-edge prompts -n 3000 --seed 0 -o prompts.jsonl [--heldout heldout.jsonl]
 
 Medusa heads learn what the base writes after the prompts they are trained on, so the prompts
 should look like the ones they will serve. This generator combines task templates (explain,
@@ -368,7 +368,7 @@ def _prompt_of(obj, where: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medusa_edge.training.prompts", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="medusa-edge prompts", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", type=int, default=3000, help="training prompts to write (default 3000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -1,6 +1,6 @@
 """Train Medusa-1 heads for any GGUF base model, on the user's own machine.
 
-    python -m medusa_edge.training.train BASE.gguf --data PROMPTS.jsonl -o BASE.medusa.gguf
+    medusa-edge train BASE.gguf --data PROMPTS.jsonl -o BASE.medusa.gguf
 
 Medusa-1 (Cai et al. 2024): the base stays frozen; only the heads learn. Self-distillation:
 the base itself, run through the engine (plain decoding, ``tree="chain:0"``), continues every
@@ -50,7 +50,7 @@ from medusa_edge.training.prompts import load_prompts
 
 EPILOG = """\
 example:
-  python -m medusa_edge.training.train models/tiny.gguf --data prompts.jsonl \\
+  medusa-edge train models/tiny.gguf --data prompts.jsonl \\
       --heads 4 --gen-tokens 128 --steps 2000 -o models/tiny.medusa.gguf
   medusa-edge generate models/tiny.gguf --heads models/tiny.medusa.gguf -p "Hello"
 
@@ -63,7 +63,7 @@ learn what the base writes after them.
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m medusa_edge.training.train",
+        prog="medusa-edge train",
         description="Train Medusa-1 heads for a GGUF base model (frozen base, self-distillation through "
         "llama.cpp, heads in torch) and write them as a heads GGUF the engine loads.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -440,7 +440,7 @@ def format_summary(s: dict) -> str:
 
 def parse_restrict_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m medusa_edge.training.train restrict",
+        prog="medusa-edge train restrict",
         description="Restrict an existing heads file to a draft vocabulary: the N most frequent tokens of the base's "
                     "answers to PROMPTS (generated as the trainer generates its data, and cached: the cache the heads "
                     "were trained from, with the same prompts and settings, is reused without generating). No "
