@@ -119,8 +119,9 @@ class Medusa:
 
     ``heads_path=None`` looks for ``<model stem>.medusa.gguf`` next to the model; with no heads
     the model decodes plainly (and says so once on stderr). ``tree`` is a preset name, ``chain:N``,
-    a JSON file or a list of paths, ``"heads"`` for the heads file's own, or ``"auto"`` (the
-    default with heads): the tree planned for this device (docs/design.md section 8).
+    a JSON file or a list of paths, ``"heads"`` for the heads file's own, ``"step:N"`` for at most
+    N candidates chosen each step from the heads' probabilities, or ``"auto"`` (the default with
+    heads): the tree planned for this device (docs/design.md section 8).
     ``flash_attn`` (None: llama.cpp's auto), ``type_k``/``type_v`` (KV cache ggml types, e.g.
     ``llama_cpp.GGML_TYPE_Q8_0``; default F16) are llama-cpp-python's. ``exact``: "auto" (default)
     keeps every output equal to plain decoding's with the same settings where the device has an

@@ -42,7 +42,8 @@ def _add_generate(sub):
     g.add_argument("--chat", action="store_true", help="treat PROMPT as a user message and format it with the model's chat template")
     g.add_argument("--tree", help="tree: auto (default: planned for this device from its measured costs and the heads' "
                    "accuracies, or none when plain decoding is faster; see 'medusa-edge tune'), heads (the tree stored in "
-                   "the heads file), a preset (see 'medusa-edge trees'), chain:N, or a JSON file of paths")
+                   "the heads file), a preset (see 'medusa-edge trees'), chain:N, step:N (at most N candidates, grown "
+                   "each step from the heads' probabilities), or a JSON file of paths")
     g.add_argument("--no-medusa", action="store_true", help="decode plainly, one token per forward")
     g.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128; <= 0: until the context is full)")
     g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
@@ -109,6 +110,7 @@ def _trees(_args) -> int:
         t = Tree.resolve(name)
         print(f"{name:20s} {t.n_nodes} nodes, {t.n_leaves} leaves, depth {t.max_depth}")
     print("chain:N              N+1 nodes, 1 leaf, depth N (top-1 of each head)")
+    print("step:N               at most N+1 nodes, chosen each step from the heads' probabilities (the likeliest paths)")
     return 0
 
 
@@ -120,7 +122,7 @@ def _add_serve(sub):
     )
     add_model_args(s)
     s.add_argument("--tree", help="auto (default: planned for this device), heads (stored in the heads file), a preset, "
-                   "chain:N or a JSON file")
+                   "chain:N, step:N (grown each step from the heads' probabilities) or a JSON file")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every /v1 request")

@@ -31,7 +31,7 @@ from medusa_edge.errors import BusyError, ContextOverflowError, HeadsError, Mode
 from medusa_edge.core import tune
 from medusa_edge.core.autotree import AutoTree, delegate
 from medusa_edge.core.params import Proposer, SamplingParams, Stats
-from medusa_edge.core.tree import PRESETS, TOP_K, Tree, TreeError, accept, accept_typical
+from medusa_edge.core.tree import PRESETS, TOP_K, Tree, TreeError, accept, accept_typical, chain, step_budget, step_paths
 
 @dataclass
 class _Run:
@@ -139,7 +139,14 @@ class Engine:
         on_gpu = n_gpu_layers != 0 and (native.supports_gpu_offload() or bool(self.rpc_servers))
         # "auto" (the default with heads): a tree planned from this device's measured costs (_tune)
         self.auto = self.heads_info is not None and (tree is None or tree == "auto")
-        self.tree = Tree.from_paths([]) if self.auto else self._choose_tree(tree)
+        # "step:N": a tree of at most N candidates grown at each step from the heads' probabilities
+        # (_propose_step); ``tree`` is then the chain that bounds a step's depth
+        self.step_budget = step_budget(tree)
+        if self.step_budget:
+            self.tree = Tree.from_paths(chain(min(self.step_budget, self.heads_info["n_heads"] if self.heads_info else self.step_budget)))
+        else:
+            self.tree = Tree.from_paths([]) if self.auto else self._choose_tree(tree)
+        self.top_k = top_k
         fa = -1 if flash_attn is None else int(bool(flash_attn))
         tk = -1 if type_k is None else int(type_k)
         tv = -1 if type_v is None else int(type_v)
@@ -154,7 +161,9 @@ class Engine:
         self.autotree = AutoTree.for_device(n_batch, self.exact_batch if self.exact else None, on_gpu)
         # the context gets one sequence per leaf; check before allocating anything
         self.tree.check(n_heads=n_heads, n_seq_max=native.max_parallel_sequences(), n_batch=n_batch, top_k=top_k)
-        n_seq = max(1, self.max_auto_leaves if self.auto else self.tree.n_leaves)
+        # a per-step tree gets as many leaves as candidates, within auto's (each one a sequence commits scan)
+        n_seq = max(1, self.max_auto_leaves if self.auto else min(self.step_budget, self.max_auto_leaves)
+                    if self.step_budget else self.tree.n_leaves)
         try:
             # a leaf's seq id is carried by its path's rows: depth + 1 outputs (device-side greedy)
             self.ctx = native.Context(self.model, n_ctx, n_batch, n_threads, n_seq, f32_kv, fa,
@@ -178,6 +187,7 @@ class Engine:
             except (RuntimeError, ValueError) as e:
                 raise HeadsError(str(e)) from None
         self._shapes: dict[tuple, tuple[Tree, object]] = {}
+        self._step_shapes: dict[tuple, tuple[Tree, object]] = {}  # tree="step:N"'s, by paths (_propose_step)
         # the tree for a KV cache past the split (see _replan); a fixed tree serves both
         self.tree_kv_split = self.tree
         if self.auto and self.max_auto_nodes >= 2:
@@ -360,6 +370,7 @@ class Engine:
             out.append(t)
         self.tree, self.tree_kv_split = out
         self.auto = False
+        self.step_budget = None
         self.autotree.stop()
         self._shapes.clear()
         self._set_long_threads(self.tree.n_nodes > 1 or self.tree_kv_split.n_nodes > 1)
@@ -578,13 +589,17 @@ class Engine:
     def step(self, run: "_Run", tree: Tree, shape, root: int, row: Optional[int], n_past: int):
         """One Medusa step from the state the module docstring describes (``n_past`` tokens cached,
         ``root`` chosen but not cached, output ``row`` the one that chose it; None: no hidden state,
-        so ``tree`` must be root-only), verifying ``tree`` (native ``shape``). Returns the committed
+        so ``tree`` must be root-only), verifying ``tree`` (native ``shape``; with tree="step:N" the
+        tree grown from this step's proposals, no deeper than ``tree``). Returns the committed
         tokens (the root and the accepted candidates, now in the KV cache), the next root, the row
         that chose it, and the accepted node path."""
         stats = run.stats
         # propose: the heads' top-k at the position that produced the root
         t = time.perf_counter()
-        proposals = self._propose(tree, row, run.generated, run.proposer)
+        if self.step_budget and tree.n_nodes > 1:  # "step:N": the tree grown from this step's proposals
+            tree, shape, proposals = self._propose_step(tree.max_depth, row, run.generated, run.proposer, n_past)
+        else:
+            proposals = self._propose(tree, row, run.generated, run.proposer)
         stats.t_heads += time.perf_counter() - t
         # build tree: the root, then each node's token of its rank in its head's proposals
         tokens, shape = self._candidates(tree, shape, root, proposals, n_past, stats)
@@ -707,6 +722,38 @@ class Engine:
         # the root (the last generated token) is the base's choice at `row`; root-input heads read it
         ids, _ = self.heads.propose(self.ctx, row, k, tree.max_depth, generated[-1], logp=False)
         return ids
+
+    #: Native shapes of per-step trees kept (the oldest dropped first): the trees vary from step
+    #: to step, and the cache must not grow with them.
+    MAX_STEP_SHAPES = 256
+
+    def _propose_step(self, depth: int, row: int, generated: list, proposer: Optional[Proposer], n_past: int):
+        """tree="step:N": the tree, native shape and proposals of one step: the heads' top-k and
+        log-probabilities at ``row`` (a proposer returns both), the tree grown from them
+        (tree.step_paths). It keeps the fixed trees' rules: at most N candidates, ``depth`` deep,
+        within auto's node budget for this device (the exact region in exact mode, n_batch), the
+        free KV cells and the context's sequences."""
+        n_nodes = min(self.step_budget + 1, self.max_auto_nodes, self.n_ctx - n_past)
+        if n_nodes <= 1:
+            return (*self._shape(False, 0, 1), np.zeros((0, 0), np.int32))
+        k = min(self.top_k, self.step_budget)
+        if proposer is None:
+            ids, logp = self.heads.propose(self.ctx, row, k, depth, generated[-1], logp=True)
+        else:
+            out = proposer(generated, depth, k)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TreeError('tree="step:N" grows its tree from log-probabilities: the proposer must return (ids, logp)')
+            ids, logp = np.asarray(out[0], dtype=np.int32), np.asarray(out[1], dtype=np.float64)
+            if ids.shape != (depth, k) or logp.shape != (depth, k):
+                raise ValueError(f"proposer returned shapes {ids.shape} and {logp.shape}, expected {(depth, k)} each")
+        paths = step_paths(logp, n_nodes, depth, self.ctx.n_seq_max)
+        key = tuple(sorted(paths))
+        if key not in self._step_shapes:
+            while len(self._step_shapes) >= self.MAX_STEP_SHAPES:
+                del self._step_shapes[next(iter(self._step_shapes))]
+            t = Tree.from_paths(paths)
+            self._step_shapes[key] = (t, native.TreeShape(t.depth.tolist(), [list(s) for s in t.seq_sets]))
+        return (*self._step_shapes[key], ids)
 
     def _accept(self, tree: Tree, tokens: np.ndarray, sampler, p: SamplingParams) -> tuple[list[int], int]:
         """Accepted node path (root first) and the next root token: ``tree.accept``'s walk with

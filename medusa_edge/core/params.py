@@ -13,6 +13,7 @@ import numpy as np
 
 #: proposer(generated, n_heads, top_k) -> [n_heads, top_k] token ids, rank-sorted. ``generated``
 #: holds the tokens emitted so far, the current root last. Replaces the heads (tests, other drafts).
+#: With tree="step:N" it returns (ids, logp): also the [n_heads, top_k] log-probabilities the tree grows from.
 Proposer = Callable[[list, int, int], np.ndarray]
 
 

@@ -18,11 +18,12 @@ of i (or i itself).
 
 from __future__ import annotations
 
+import heapq
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -54,6 +55,73 @@ def chain(depth: int) -> list[Path]:
     if depth < 0:
         raise TreeError(f"chain depth must be >= 0, got {depth}")
     return [(0,) * d for d in range(1, depth + 1)]
+
+
+#: The per-step tree spec ``"step:N"``: no fixed shape; at each step the engine grows a tree of at
+#: most N candidates below the root from that step's head probabilities (``step_paths``).
+STEP = "step:"
+
+
+def step_budget(spec) -> Optional[int]:
+    """N of a per-step tree spec ``"step:N"`` (N >= 1 candidates below the root); None for any
+    other spec. TreeError for a malformed one."""
+    if not isinstance(spec, str) or not spec.startswith(STEP):
+        return None
+    try:
+        n = int(spec[len(STEP):])
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise TreeError(f"bad per-step tree spec {spec!r}: use step:N with N >= 1 candidates, e.g. step:8")
+    return n
+
+
+def step_paths(logp, n_nodes: int, max_depth: Optional[int] = None, max_leaves: Optional[int] = None) -> list[Path]:
+    """A tree chosen for one step from the heads' own probabilities (EAGLE-2's dynamic tree, over
+    Medusa heads): paths in the order they join, each time the frontier node with the largest path
+    probability, the product over depths d of ``exp(logp[d][r_d])``. ``logp``: [n_heads, k]
+    log-probabilities of this step's proposals, rank-sorted; Medusa heads all read the root's hidden
+    state, so a node's probability at depth d does not depend on the tokens above it.
+
+    At most ``n_nodes`` nodes with the root, ``max_depth`` deep, ranks below k; nodes that would
+    make a tree of more than ``max_leaves`` leaves are passed over. Every prefix of the result is
+    prefix-closed. The rule and its tie order are tune.grow_tree's with these probabilities as the
+    accuracies (the same products, in the same order): ties go to the shallower, then the
+    lexicographically smaller path, so equal inputs give equal trees."""
+    lp = np.asarray(logp, dtype=np.float64)
+    if lp.ndim != 2:
+        raise TreeError(f"head log-probabilities must be [n_heads, k], got shape {lp.shape}")
+    if np.isnan(lp).any():
+        raise TreeError("head log-probabilities must not be NaN")
+    n_heads, k = lp.shape
+    depth_cap = n_heads if max_depth is None else min(max_depth, n_heads)
+    if depth_cap <= 0 or k <= 0 or n_nodes <= 1:
+        return []
+    prob = np.exp(lp).tolist()  # Python floats: cheaper than numpy scalars one at a time
+    value = {(): 1.0}  # path -> its probability
+    has_child = {(): False}
+    frontier = [(-prob[0][0], 1, (0,))]  # a min-heap on (-probability, depth, path)
+    leaves, order = 1, []
+    while frontier and len(order) < n_nodes - 1:
+        neg, d, q = heapq.heappop(frontier)
+        parent = q[:-1]
+        adds = 1 if has_child[parent] else 0  # a first child replaces its parent as a leaf
+        if max_leaves is not None and leaves + adds > max_leaves:
+            continue  # for good: leaves never drop, and a parent with a child keeps it
+        leaves += adds
+        has_child[parent], has_child[q] = True, False
+        value[q] = -neg
+        order.append(q)
+        if q[-1] + 1 < k:  # next sibling
+            heapq.heappush(frontier, (-(value[parent] * prob[d - 1][q[-1] + 1]), d, parent + (q[-1] + 1,)))
+        if d < depth_cap:  # first child
+            heapq.heappush(frontier, (-(value[q] * prob[d][0]), d + 1, q + (0,)))
+    return order
+
+
+def step_tree(logp, n_nodes: int, max_depth: Optional[int] = None, max_leaves: Optional[int] = None) -> "Tree":
+    """``step_paths``' tree, in depth-first numbering."""
+    return Tree.from_paths(step_paths(logp, n_nodes, max_depth, max_leaves))
 
 
 @dataclass(frozen=True)
@@ -129,7 +197,8 @@ class Tree:
 
     @staticmethod
     def resolve(spec: "str | Sequence[Sequence[int]] | Tree") -> "Tree":
-        """A Tree from a preset name, ``"chain:N"``, a JSON file of paths, or a list of paths."""
+        """A Tree from a preset name, ``"chain:N"``, a JSON file of paths, or a list of paths.
+        ``"step:N"`` has no fixed shape (the engine grows one per step): TreeError here."""
         if isinstance(spec, Tree):
             return spec
         if isinstance(spec, str):
@@ -148,8 +217,12 @@ class Tree:
                     raise TreeError(f"cannot read tree file {spec}: {e.strerror}") from None
                 except json.JSONDecodeError as e:
                     raise TreeError(f"tree file {spec} is not valid JSON: {e}") from None
+            if step_budget(spec) is not None:
+                raise TreeError(f"{spec!r} is a per-step tree, grown by the engine at each step from the heads' "
+                                f"probabilities (Engine(tree={spec!r})): it has no fixed shape")
             names = ", ".join(sorted(PRESETS))
-            raise TreeError(f"unknown tree {spec!r}: use one of {names}, chain:N, or a .json file of paths")
+            raise TreeError(f"unknown tree {spec!r}: use one of {names}, chain:N, step:N (chosen per step), "
+                            "or a .json file of paths")
         return Tree.from_paths(spec)
 
     # -- sizes -------------------------------------------------------------------------------
