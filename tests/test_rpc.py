@@ -125,6 +125,7 @@ def test_medusa_over_two_rpc_servers_equals_local(servers, capsys):
         assert m.rpc_servers == servers
         assert m.devices == [f"RPC0 ({servers[0]})", f"RPC1 ({servers[1]})"]
         assert m.output_device == f"RPC1 ({servers[1]})"
+        del m  # close() must free the last reference: a model alive past its servers aborts the process
         assert remote.engine.heads.backend.endswith(f"[{servers[1]}]"), remote.engine.heads.backend
         assert local.engine.heads.backend == "CPU"
         assert native.rpc_in_use(servers[0]) and native.rpc_in_use(servers[1])
@@ -156,7 +157,7 @@ def test_rpc_errors_are_clear(servers):
     with pytest.raises(RpcError, match="n_gpu_layers=0"):
         Medusa(demo_model_path(), rpc_servers=servers)
     host, port = servers[0].split(":")
-    with socket.create_connection((host, int(port))) as holder:  # another client: the server serves it alone
+    with socket.create_connection((host, int(port)), timeout=30) as holder:  # another client: served alone
         holder.sendall(bytes([14]) + struct.pack("<Q", 24) + bytes(24))
         assert len(holder.recv(64)) > 0
         with pytest.raises(RpcError, match="did not answer within 1 s: a server serves one client at a time"):

@@ -46,3 +46,7 @@ def main(argv=None) -> int:
         print("\nmedusa-edge rpc-server: stopped", file=sys.stderr)
         return 130
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

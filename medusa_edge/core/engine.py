@@ -61,15 +61,17 @@ def read_heads_info(path: str) -> dict:
 
 
 @contextmanager
-def _progress(what: str, after: float = 1.0):
+def _progress(what: str, after: float = 1.0, cached: bool = True):
     """Say on stderr what is taking long, once it has taken ``after`` seconds, and then how long it
-    took (measurements at a model's first load on a device; cached hits return before ``after``)."""
+    took (measurements at a model's first load on a device; cached hits return before ``after``;
+    ``cached``: whether the result is kept for the next load)."""
     t0 = time.perf_counter()
     said = threading.Event()
 
     def say():
         said.set()
-        print(f"medusa-edge: {what} (first load with these settings; cached afterwards) ...", file=sys.stderr, flush=True)
+        note = "first load with these settings; cached afterwards" if cached else "not cached over RPC"
+        print(f"medusa-edge: {what} ({note}) ...", file=sys.stderr, flush=True)
 
     timer = threading.Timer(after, say)
     timer.daemon = True
@@ -228,7 +230,8 @@ class Engine:
         if not self.exact:
             return
         try:  # the probe makes the first contexts: bad settings (a KV type, ...) fail here
-            with _progress("measuring which batches this device computes exactly as one-token decodes"):
+            with _progress("measuring which batches this device computes exactly as one-token decodes",
+                           cached=not self.rpc_servers):
                 # never cached over RPC: the answer depends on the servers' devices, builds and
                 # threads, which their "host:port" does not identify
                 self.exact_batch, _ = exactness.exact_batch(self.model, self.model_path, n_threads=n_threads, flash_attn=fa,

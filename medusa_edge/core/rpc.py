@@ -162,7 +162,6 @@ def _ggml():
     lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib",
                                    "libggml.dylib" if sys.platform == "darwin" else "libggml.so"))
     for name, res, args in (
-        ("ggml_backend_load_all", None, []),
         ("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
         ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
         ("ggml_backend_dev_count", ctypes.c_size_t, []),
@@ -219,8 +218,7 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, n_threads: Optio
     n_threads = n_threads or default_threads()
     if n_threads < 1:
         raise RpcError(f"--threads {n_threads}: must be >= 1")
-    lib = _ggml()
-    lib.ggml_backend_load_all()
+    lib = _ggml()  # its registry is filled: importing the native layer ran llama_backend_init
     reg = lib.ggml_backend_reg_by_name(b"RPC")
     addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_start_server") if reg else None
     if not addr:
