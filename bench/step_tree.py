@@ -54,7 +54,10 @@ def main() -> int:
     args = ap.parse_args()
     model, heads = (args.model, args.heads) if args.model else default_model()
     trees = args.tree or TREES
-    plain = Engine(model, tree="chain:0")
+    # the reference: plain decoding as exact mode defines it (docs/design.md section 5), one token per
+    # forward in an engine that runs trees, so one thread past 256 cells; an engine without a tree
+    # keeps all threads there, as llama.cpp does, and rounds differently from every batched row
+    plain = Engine(model, heads, tree="chain:1")
     engines, nodes = {}, {}
     for t in trees:
         engines[t] = Engine(model, heads, tree=t)
@@ -65,7 +68,7 @@ def main() -> int:
     prompts = load_prompts(args.prompts)[: args.n]
     for i, p in enumerate(prompts):
         ids = chat_prompt_tokens(plain.model, prompt_messages(p))
-        ref = [x for new in plain.generate(ids, greedy, args.max_tokens, reuse_prefix=False) for x in new]
+        ref = [x for new in plain.generate(ids, greedy, args.max_tokens, reuse_prefix=False, max_depth=0) for x in new]
         for t in trees:
             st = Stats()
             got = [x for new in engines[t].generate(ids, greedy, args.max_tokens, reuse_prefix=False, stats=st) for x in new]
